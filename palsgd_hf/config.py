@@ -1,0 +1,204 @@
+"""PALSGDConfig: every algorithm knob in one framework-free dataclass.
+
+The field names are public API (the Trainer arguments are the same names with a ``palsgd_``
+prefix). Values are resolved and validated in ``__post_init__``: a field left at ``None`` takes
+the value of the chosen method preset, an explicit value that contradicts the preset is an error,
+and every error names the value, the rule and the fix.
+
+Method presets (one algorithm, several well-known special cases; see ALGORITHM.md):
+
+=========  ===================  ===============================================
+method     pseudo_sync_prob p   outer optimizer
+=========  ===================  ===============================================
+palsgd     0.2                  Nesterov SGD, lr 0.7, momentum 0.9 (DiLoCo's)
+diloco     0 (fixed)            Nesterov SGD, lr 0.7, momentum 0.9
+localsgd   0 (fixed)            plain SGD, lr 1, momentum 0 (fixed: averaging)
+ddp        -                    none: every step is a synchronous step
+=========  ===================  ===============================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+METHODS = ("palsgd", "diloco", "localsgd", "ddp")
+OUTER_OPTIMIZERS = ("nesterov", "sgd", "adam")
+COMM_DTYPES = ("fp32", "bf16")
+ANCHOR_DEVICES = ("auto", "cpu")
+
+# Values each preset fills in for fields left at None. A field listed in _FIXED must keep the
+# preset's value: anything else would silently run a different method than the one named.
+_PRESETS: dict[str, dict[str, Any]] = {
+    "palsgd": dict(pseudo_sync_prob=0.2, outer_optimizer="nesterov", outer_lr=0.7, outer_momentum=0.9),
+    "diloco": dict(pseudo_sync_prob=0.0, outer_optimizer="nesterov", outer_lr=0.7, outer_momentum=0.9),
+    "localsgd": dict(pseudo_sync_prob=0.0, outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0),
+    "ddp": dict(pseudo_sync_prob=0.0, outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0),
+}
+_FIXED: dict[str, tuple[str, ...]] = {
+    "palsgd": (),
+    "diloco": ("pseudo_sync_prob",),
+    "localsgd": ("pseudo_sync_prob", "outer_optimizer", "outer_lr", "outer_momentum"),
+    "ddp": ("pseudo_sync_prob",),
+}
+_FIX_HINT = {
+    "diloco": "use method='palsgd' for p > 0",
+    "localsgd": "use method='diloco' (or 'palsgd') to choose your own outer optimizer",
+    "ddp": "use method='palsgd' for pseudo-synchronization",
+}
+
+
+class PALSGDConfigError(ValueError):
+    """A PALSGD setting that cannot work; the message names the value, the rule and the fix."""
+
+
+@dataclass
+class PALSGDConfig:
+    """Settings of Pseudo-Asynchronous Local SGD (Naganuma et al., TMLR 2025, Algorithm 1)."""
+
+    method: str = field(
+        default="palsgd",
+        metadata={"help": f"Which method to run: one of {METHODS}. diloco = p 0; localsgd = p 0 with "
+                  "plain averaging; ddp = gradient all-reduce every step."},
+    )
+    sync_interval: int = field(
+        default=32, metadata={"help": "H: a global (outer) sync every H optimizer steps after warm-up."}
+    )
+    pseudo_sync_prob: Optional[float] = field(
+        default=None,
+        metadata={"help": "p: probability of a pseudo-synchronization step (no forward/backward, a pull "
+                  "toward the stale anchor). In [0, 1). Default: the method's (0.2 for palsgd, 0 else)."},
+    )
+    mixing_rate: float = field(
+        default=1.0,
+        metadata={"help": "eta: strength of the pull. A pseudo-sync step moves x by c = lr*eta/p of the "
+                  "way to the anchor; choose eta so that c is about 0.01-0.1 at the peak learning rate."},
+    )
+    warmup_steps: int = field(
+        default=32,
+        metadata={"help": "Optimizer steps of ordinary synchronous data parallel before local steps start."},
+    )
+    outer_optimizer: Optional[str] = field(
+        default=None,
+        metadata={"help": f"Optimizer of the global model on the averaged pseudo-gradient: one of "
+                  f"{OUTER_OPTIMIZERS}. Default: the method's (nesterov; sgd for localsgd)."},
+    )
+    outer_lr: Optional[float] = field(
+        default=None, metadata={"help": "Outer learning rate. Default: the method's (0.7; 1.0 for localsgd)."}
+    )
+    outer_momentum: Optional[float] = field(
+        default=None,
+        metadata={"help": "Outer momentum (Adam: beta1). Default: the method's (0.9; 0 for localsgd)."},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the per-replica coin generators (replica r uses (seed, r))."}
+    )
+    shard_size: int = field(
+        default=1,
+        metadata={"help": "S: ranks that shard one model copy (DeepSpeed ZeRO inside a replica). The world "
+                  "is world_size/S replicas; PALSGD averages across replicas. 1 = every rank a worker."},
+    )
+    overlap_steps: int = field(
+        default=0,
+        metadata={"help": "d >= 1: launch the pseudo-gradient all-reduce without blocking and apply the "
+                  "outer update d steps later, keeping the local progress made meanwhile. 0 = block."},
+    )
+    comm_dtype: str = field(
+        default="fp32",
+        metadata={"help": f"Dtype of the pseudo-gradient on the wire: one of {COMM_DTYPES} (bf16 halves "
+                  "the bytes; accumulation stays fp32)."},
+    )
+    anchor_device: str = field(
+        default="auto",
+        metadata={"help": "Where the anchor and outer-optimizer state live: 'auto' (beside the weights) "
+                  "or 'cpu' (pinned host memory when a GPU is present)."},
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        preset, fixed = _PRESETS[self.method], _FIXED[self.method]
+        for name, preset_value in preset.items():
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, preset_value)
+            elif name in fixed and value != preset_value:
+                raise PALSGDConfigError(
+                    f"{name}={value!r} contradicts method={self.method!r}, which fixes {name}={preset_value!r}; "
+                    f"leave {name} unset or {_FIX_HINT[self.method]}."
+                )
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_int("sync_interval", self.sync_interval, minimum=1, fix="use H >= 1 (the paper uses 32-100)")
+        _check_int("warmup_steps", self.warmup_steps, minimum=0, fix="use 0 or more warm-up steps")
+        _check_int("shard_size", self.shard_size, minimum=1, fix="use 1 (no sharding) or the ZeRO group size")
+        _check_int("overlap_steps", self.overlap_steps, minimum=0, fix="use 0 (blocking sync) or d >= 1")
+        _check_int("seed", self.seed, minimum=0, fix="use a non-negative integer seed")
+        p = self.pseudo_sync_prob
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+            raise PALSGDConfigError(
+                f"pseudo_sync_prob={p!r} must lie in [0, 1): with p = 1 no gradient step is ever taken; "
+                "use p in [0, 0.5] (the paper uses 0.1-0.2)."
+            )
+        if not isinstance(self.mixing_rate, (int, float)) or not self.mixing_rate > 0:
+            raise PALSGDConfigError(
+                f"mixing_rate={self.mixing_rate!r} must be > 0 (it is the pull strength eta); use e.g. 0.5-1.0."
+            )
+        _check_choice("outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
+        if not isinstance(self.outer_lr, (int, float)) or not self.outer_lr > 0:
+            raise PALSGDConfigError(f"outer_lr={self.outer_lr!r} must be > 0; DiLoCo's default is 0.7.")
+        if not isinstance(self.outer_momentum, (int, float)) or not 0.0 <= self.outer_momentum < 1.0:
+            raise PALSGDConfigError(
+                f"outer_momentum={self.outer_momentum!r} must lie in [0, 1); DiLoCo's default is 0.9."
+            )
+        if self.outer_optimizer == "nesterov" and self.outer_momentum == 0:
+            raise PALSGDConfigError(
+                "outer_optimizer='nesterov' needs outer_momentum > 0 (Nesterov without momentum is plain "
+                "SGD); set outer_momentum (e.g. 0.9) or use outer_optimizer='sgd'."
+            )
+        _check_choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
+        _check_choice("anchor_device", self.anchor_device, ANCHOR_DEVICES)
+        if self.overlap_steps >= self.sync_interval and self.method != "ddp":
+            raise PALSGDConfigError(
+                f"overlap_steps={self.overlap_steps} must be smaller than sync_interval={self.sync_interval}: "
+                "an outer update must land before the next sync starts; lower overlap_steps."
+            )
+
+    @property
+    def is_ddp(self) -> bool:
+        """True when every step is a synchronous data-parallel step (method 'ddp')."""
+        return self.method == "ddp"
+
+    def check_mixing_coefficient(self, lr: float) -> float:
+        """Return c = lr*eta/p for a learning rate, or raise if it lies outside [0, 1].
+
+        c > 1 overshoots the anchor (the worker lands on the far side of it) and c < 0 pushes away
+        from it. c = 0 only happens at lr = 0 (the ends of a schedule), where the pull, like the
+        gradient step, is a no-op; we allow it rather than fail a run on its last step.
+        """
+        p = self.pseudo_sync_prob
+        if p == 0:
+            return 0.0
+        c = float(lr) * self.mixing_rate / p
+        if not 0.0 <= c <= 1.0:
+            raise PALSGDConfigError(
+                f"mixing coefficient c = lr*eta/p = {float(lr):g}*{self.mixing_rate:g}/{p:g} = {c:g} must lie "
+                f"in (0, 1]; lower mixing_rate to at most {p / float(lr):g} for this learning rate"
+                if lr > 0
+                else f"mixing coefficient c = lr*eta/p = {c:g} is negative (lr={float(lr):g}); use lr >= 0."
+            )
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise PALSGDConfigError(f"{name}={value!r} is not one of {choices}; pick one of them.")
+
+
+def _check_int(name: str, value: Any, *, minimum: int, fix: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise PALSGDConfigError(f"{name}={value!r} must be an integer >= {minimum}; {fix}.")

@@ -1,0 +1,319 @@
+"""The PALSGD state machine: one call per optimizer step decides what that step does.
+
+Phases of one optimizer step t (t counts every step, of all kinds, from 0):
+
+1. Warm-up (t < warmup_steps, or every step for method 'ddp'): ordinary synchronous data
+   parallel. The backend's gradient all-reduce is on; the inner optimizer steps.
+2. After warm-up each replica draws a coin b ~ U[0, 1) from its own generator:
+   - b < p, *pseudo-synchronization*: no forward, no backward, no communication; every owned
+     tensor moves toward the stale anchor, x <- x - c (x - x_bar) with c = lr * eta / p.
+   - b >= p, *gradient step*: local gradients only (the backend's all-reduce is off), the inner
+     optimizer steps with its learning rate multiplied by 1 / (1 - p), then restored.
+   In expectation: x <- x - lr [grad f(x) + eta (x - x_bar)], an elastic pull toward x_bar.
+3. Global sync after step t when (t + 1) mod H == 0 (after warm-up):
+   delta = mean over replicas of (x_bar - x)   (one all-reduce over the peer group)
+   x_bar <- outer_optimizer_step(x_bar, grad=delta);  x <- x_bar.
+   The inner optimizer's state is kept.
+
+The anchor x_bar is created when the first local step starts (workers are made identical then by
+a broadcast from replica 0) and is refreshed only at global syncs: it is deliberately stale.
+
+Integration contract: ask :meth:`PALSGD.step_kind` before computing (skip forward/backward on a
+pseudo-sync step), then call :meth:`PALSGD.optimizer_step` with the inner optimizer's step, once
+per optimizer step. :class:`~palsgd_hf.core.optimizer.PALSGDOptimizer` does the second part for
+loops that call ``optimizer.step()`` themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import math
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from ..config import PALSGDConfig
+from .adapter import OwnedGroup, ParamAdapter
+from .comm import Communicator, LocalCommunicator
+from .outer import Anchor
+
+logger = logging.getLogger(__name__)
+
+COUNTERS = ("warmup_steps", "gradient_steps", "pseudo_syncs", "outer_syncs", "skipped_syncs")
+
+
+class StepKind(str, enum.Enum):
+    WARMUP = "warmup"
+    GRADIENT = "gradient"
+    PSEUDO_SYNC = "pseudo_sync"
+
+
+def coin_seed(seed: int, replica_index: int) -> int:
+    """Seed of replica ``replica_index``'s coin generator: all ranks of a replica agree, replicas differ."""
+    return (seed * 1_000_003 + replica_index * 7_919 + 17) % (2**63 - 1)
+
+
+class PALSGD:
+    """Pseudo-Asynchronous Local SGD for one rank.
+
+    Args:
+        config: the algorithm's settings.
+        adapter: gives the tensors this rank owns and switches backend gradient sync.
+        peers: communicator over the ranks that own the same shard in every replica.
+        replica: communicator over this rank's replica group (only used to agree on a skipped
+            sync when a replica is sharded).
+        replica_index: this rank's replica, which seeds its coin generator.
+        anchor_device: where the anchor lives (``None``: beside the weights).
+    """
+
+    def __init__(
+        self,
+        config: PALSGDConfig,
+        adapter: ParamAdapter,
+        *,
+        peers: Optional[Communicator] = None,
+        replica: Optional[Communicator] = None,
+        replica_index: int = 0,
+        anchor_device: Optional[torch.device] = None,
+    ):
+        self.config = config
+        self.adapter = adapter
+        self.peers = peers if peers is not None else LocalCommunicator()
+        self.replica = replica if replica is not None else LocalCommunicator()
+        self.replica_index = replica_index
+        self.anchor_device = anchor_device
+        self.step = 0
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.last_drift = 0.0
+        self.last_mixing_coefficient = 0.0
+        self._generator = torch.Generator().manual_seed(coin_seed(config.seed, replica_index))
+        self._kind: Optional[StepKind] = None
+        self._anchor: Optional[Anchor] = None
+        self._since_sync = 0
+        self._grad_sync: Optional[bool] = None
+
+    # ------------------------------------------------------------------ the step
+    @property
+    def in_local_phase(self) -> bool:
+        return self._anchor is not None
+
+    def step_kind(self) -> StepKind:
+        """What step t does. Drawn once per step (the coin is cached until the step finishes)."""
+        if self._kind is None:
+            if self.config.is_ddp or self.step < self.config.warmup_steps:
+                kind = StepKind.WARMUP
+            else:
+                if self._anchor is None:
+                    self._start_local_phase()
+                coin = torch.rand((), generator=self._generator).item()
+                kind = StepKind.PSEUDO_SYNC if coin < self.config.pseudo_sync_prob else StepKind.GRADIENT
+            self._set_gradient_sync(kind is StepKind.WARMUP)
+            self._kind = kind
+        return self._kind
+
+    def optimizer_step(self, inner_step: Callable[[], Any]) -> StepKind:
+        """Finish optimizer step t: run ``inner_step`` (or the pull instead), then a sync if due."""
+        kind = self.step_kind()
+        if kind is StepKind.PSEUDO_SYNC:
+            self._pull()
+        elif kind is StepKind.GRADIENT:
+            with self._scaled_lr(1.0 / (1.0 - self.config.pseudo_sync_prob)):
+                inner_step()
+        else:
+            self.adapter.warmup_gradient_sync(self.peers)
+            inner_step()
+        self.counters[_COUNTER_OF[kind]] += 1
+        self.step += 1
+        self._kind = None
+        if kind is not StepKind.WARMUP:
+            self._since_sync += 1
+            if self.step % self.config.sync_interval == 0:
+                self.sync()
+        return kind
+
+    def finalize(self) -> None:
+        """End of training: a last global sync if workers moved since the previous one.
+
+        Afterwards every worker holds the global model. Collective: every rank must call it.
+        """
+        if self._anchor is not None and self._since_sync > 0:
+            self.sync()
+
+    # ------------------------------------------------------------------ pieces
+    def _start_local_phase(self) -> None:
+        # Warm-up leaves workers identical when the backend averaged gradients, but a loop that
+        # started from different initializations would not be: one broadcast makes it so.
+        tensors = self._owned_tensors()
+        with torch.no_grad():
+            for t in tensors:
+                self.peers.broadcast(t.data, 0)
+        self.adapter.after_write()
+        self._anchor = Anchor(tensors, self.config, self.anchor_device)
+        coefficients = [self._coefficient(g) for g in self.adapter.owned_groups()]
+        logger.info(
+            "PALSGD local phase starts at step %d: method=%s H=%d p=%g eta=%g, pull coefficient c=lr*eta/p=%s "
+            "(aim for ~0.01-0.1 at peak LR); anchor holds %d values",
+            self.step, self.config.method, self.config.sync_interval, self.config.pseudo_sync_prob,
+            self.config.mixing_rate, ", ".join(f"{c:.4g}" for c in coefficients), self._anchor.numel(),
+        )
+
+    def _coefficient(self, group: OwnedGroup) -> float:
+        return self.config.check_mixing_coefficient(float(group.options["lr"]))
+
+    def _pull(self) -> None:
+        """x <- x - c (x - x_bar) = lerp(x, x_bar, c), per parameter group (each has its own lr)."""
+        anchors = iter(self._anchor.tensors)
+        with torch.no_grad():
+            for group in self.adapter.owned_groups():
+                c = self._coefficient(group)
+                self.last_mixing_coefficient = c
+                group_anchors = [next(anchors) for _ in group.tensors]
+                if c > 0:
+                    _lerp_(group.tensors, group_anchors, c)
+        self.adapter.after_write()
+
+    @contextlib.contextmanager
+    def _scaled_lr(self, factor: float) -> Iterator[None]:
+        groups = [g.options for g in self.adapter.owned_groups()]
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = g["lr"] * factor
+        try:
+            yield
+        finally:
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
+
+    def sync(self) -> None:
+        """Global sync: average pseudo-gradients, one outer step, every worker takes the anchor."""
+        tensors = self._owned_tensors()
+        num, den = self._anchor.drift(tensors)
+        self.last_drift = math.sqrt(num / den) if den > 0 else 0.0
+        wire = torch.bfloat16 if self.config.comm_dtype == "bf16" else None
+        flat = self.peers.all_reduce_mean(self._anchor.pseudo_gradient(tensors, wire))
+        if self._all_finite(flat):
+            self._anchor.outer_step(flat)
+            self.counters["outer_syncs"] += 1
+        else:
+            # Every peer saw the same averaged NaN/inf, so all skip together: no extra round.
+            self.counters["skipped_syncs"] += 1
+            logger.warning(
+                "PALSGD step %d: non-finite pseudo-gradient; outer update skipped, workers return to the last "
+                "good anchor (skipped_syncs=%d)", self.step, self.counters["skipped_syncs"],
+            )
+        self._anchor.write_to(tensors)
+        self.adapter.after_write()
+        self._since_sync = 0
+
+    def _all_finite(self, flat: torch.Tensor) -> bool:
+        bad = torch.tensor([0.0 if bool(torch.isfinite(flat).all()) else 1.0])
+        if self.replica.size > 1:
+            # Shards of one replica must agree, or half a model would be updated.
+            self.replica.all_reduce_max(bad)
+        return bad.item() == 0.0
+
+    def _owned_tensors(self) -> list[torch.Tensor]:
+        return [t for g in self.adapter.owned_groups() for t in g.tensors]
+
+    def _set_gradient_sync(self, enabled: bool) -> None:
+        if self._grad_sync is not enabled:
+            self.adapter.set_gradient_sync(enabled)
+            self._grad_sync = enabled
+
+    # ------------------------------------------------------------------ evaluation
+    @contextlib.contextmanager
+    def global_weights(self) -> Iterator[None]:
+        """Temporarily put the global model (the anchor) into the weights, e.g. to evaluate it.
+
+        Between syncs the anchor is the last global model; during warm-up (no anchor yet) the
+        weights already are the global model and nothing is swapped.
+        """
+        if self._anchor is None or self._since_sync == 0:
+            yield
+            return
+        tensors = self._owned_tensors()
+        local = [t.detach().clone() for t in tensors]
+        self._anchor.write_to(tensors)
+        self.adapter.after_write()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t, saved in zip(tensors, local):
+                    t.copy_(saved)
+            self.adapter.after_write()
+
+    # ------------------------------------------------------------------ metrics and state
+    def metrics(self) -> dict[str, float]:
+        """The palsgd/* log values (without the prefix)."""
+        out: dict[str, float] = {name: float(v) for name, v in self.counters.items()}
+        out["comm_bytes"] = float(self.peers.stats.bytes_sent + self.replica.stats.bytes_sent)
+        out["comm_seconds"] = self.peers.stats.seconds_blocked + self.replica.stats.seconds_blocked
+        out["drift"] = self.last_drift
+        out["mixing_coefficient"] = self.last_mixing_coefficient
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "counters": dict(self.counters),
+            "generator": self._generator.get_state(),
+            "kind": None if self._kind is None else self._kind.value,
+            "since_sync": self._since_sync,
+            "last_drift": self.last_drift,
+            "last_mixing_coefficient": self.last_mixing_coefficient,
+            "anchor": None if self._anchor is None else self._anchor.state_dict(),
+            "peers_stats": self.peers.stats.state_dict(),
+            "replica_stats": self.replica.stats.state_dict(),
+            "replica_index": self.replica_index,
+            "config": self.config.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved_cfg = state.get("config", {})
+        for key in ("method", "sync_interval", "shard_size"):
+            if key in saved_cfg and saved_cfg[key] != getattr(self.config, key):
+                raise ValueError(
+                    f"the checkpoint was written with {key}={saved_cfg[key]!r} but this run has "
+                    f"{key}={getattr(self.config, key)!r}; resume with the same setting or start a new run."
+                )
+        if state.get("replica_index", self.replica_index) != self.replica_index:
+            raise ValueError(
+                f"the checkpoint belongs to replica {state['replica_index']} but this rank is replica "
+                f"{self.replica_index}; resume with the same number of processes and shard layout."
+            )
+        self.step = int(state["step"])
+        self.counters = {name: int(state["counters"].get(name, 0)) for name in COUNTERS}
+        self._generator.set_state(state["generator"])
+        self._kind = None if state["kind"] is None else StepKind(state["kind"])
+        self._since_sync = int(state["since_sync"])
+        self.last_drift = float(state["last_drift"])
+        self.last_mixing_coefficient = float(state["last_mixing_coefficient"])
+        self.peers.stats.load_state_dict(state["peers_stats"])
+        self.replica.stats.load_state_dict(state["replica_stats"])
+        if state["anchor"] is None:
+            self._anchor = None
+        else:
+            self._anchor = Anchor(self._owned_tensors(), self.config, self.anchor_device)
+            self._anchor.load_state_dict(state["anchor"])
+        self._grad_sync = None  # re-applied to the backend at the next step
+
+
+_COUNTER_OF = {
+    StepKind.WARMUP: "warmup_steps",
+    StepKind.GRADIENT: "gradient_steps",
+    StepKind.PSEUDO_SYNC: "pseudo_syncs",
+}
+
+
+def _lerp_(tensors: list[torch.Tensor], anchors: list[torch.Tensor], c: float) -> None:
+    """tensors <- tensors + c (anchors - tensors), in the tensors' own dtype and device."""
+    same = all(t.dtype == a.dtype and t.device == a.device for t, a in zip(tensors, anchors))
+    if same:
+        torch._foreach_lerp_(tensors, anchors, c)
+        return
+    for t, a in zip(tensors, anchors):
+        a = a.to(t.device, non_blocking=True)
+        t.copy_(t.to(a.dtype).lerp_(a, c))

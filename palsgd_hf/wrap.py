@@ -1,0 +1,69 @@
+"""One call that attaches PALSGD to a model and its optimizer, for any PyTorch training loop.
+
+    optimizer = palsgd_hf.wrap_optimizer(model, optimizer, PALSGDConfig(sync_interval=32))
+    for batch in loader:
+        if optimizer.algorithm.step_kind() is not StepKind.PSEUDO_SYNC:   # skip compute
+            loss = model(**batch).loss; loss.backward()
+        optimizer.step(); scheduler.step(); optimizer.zero_grad()
+    optimizer.algorithm.finalize()        # every worker now holds the global model
+
+It lays out replicas and shards from the running ``torch.distributed`` job, creates the peer and
+replica process groups, picks the adapter for the model's backend (plain module, DDP, or a
+DeepSpeed engine, imported lazily) and returns a :class:`PALSGDOptimizer`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Optional
+
+import torch
+
+from .adapters.module import ModuleAdapter
+from .config import PALSGDConfig
+from .core.algorithm import PALSGD
+from .core.comm import Communicator, LocalCommunicator
+from .core.optimizer import PALSGDOptimizer
+from .core.topology import Topology, build_process_groups
+
+
+def build_algorithm(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: PALSGDConfig,
+    *,
+    adapter=None,
+    comm_timeout: Optional[timedelta] = None,
+) -> PALSGD:
+    """The PALSGD state machine for this rank, wired to its process groups and backend adapter."""
+    topology = Topology.from_environment(config.shard_size)
+    groups = build_process_groups(topology, comm_timeout)
+    distributed = topology.world_size > 1
+    peers = Communicator(groups.peers, comm_timeout) if distributed else LocalCommunicator()
+    replica = Communicator(groups.replica, comm_timeout) if config.shard_size > 1 else LocalCommunicator()
+    if adapter is None:
+        adapter = build_adapter(model, optimizer, peers)
+    anchor_device = torch.device("cpu") if config.anchor_device == "cpu" else None
+    return PALSGD(
+        config, adapter, peers=peers, replica=replica, replica_index=topology.replica_index, anchor_device=anchor_device
+    )
+
+
+def build_adapter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, comm: Communicator):
+    """The adapter for the model's backend."""
+    if type(model).__name__ == "DeepSpeedEngine":
+        from .adapters.deepspeed import DeepSpeedAdapter  # lazy: deepspeed is an optional extra
+
+        return DeepSpeedAdapter(model, comm)
+    return ModuleAdapter(model, optimizer, comm)
+
+
+def wrap_optimizer(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: PALSGDConfig,
+    *,
+    comm_timeout: Optional[timedelta] = None,
+) -> PALSGDOptimizer:
+    """Wrap ``optimizer`` so that each ``step()`` is a PALSGD step (see the module docstring)."""
+    return PALSGDOptimizer(optimizer, build_algorithm(model, optimizer, config, comm_timeout=comm_timeout))
