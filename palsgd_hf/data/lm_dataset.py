@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from ._cache import resolve_cache_dir
 
@@ -60,14 +61,21 @@ def build_lm_datasets(
     # datasets pulls in pyarrow/pandas (~1 s); import it only when datasets are actually built.
     import datasets
 
-    _check_args(dataset_name, train_files, validation_files, block_size, max_train_samples,
-                max_eval_samples, validation_split_percentage)
+    _check_args(
+        dataset_name,
+        train_files,
+        validation_files,
+        block_size,
+        max_train_samples,
+        max_eval_samples,
+        validation_split_percentage,
+    )
     ds_cache = _datasets_cache_dir(cache_dir)
 
     if dataset_name is not None:
         try:
             raw = datasets.load_dataset(dataset_name, dataset_config, cache_dir=ds_cache)
-        except Exception as err:  # noqa: BLE001 - re-raised with the offline remedy attached
+        except Exception as err:  # any failure: re-raised below with the offline remedy attached
             raise RuntimeError(
                 f"Could not load dataset {dataset_name!r} (config {dataset_config!r}): {err}. Without "
                 "network (or with HF_DATASETS_OFFLINE=1) pass local files instead: "
@@ -75,7 +83,9 @@ def build_lm_datasets(
             ) from err
         if not isinstance(raw, datasets.DatasetDict) or "train" not in raw:
             splits = list(raw.keys()) if isinstance(raw, datasets.DatasetDict) else type(raw).__name__
-            raise ValueError(f"Dataset {dataset_name!r} has no 'train' split (found {splits}); pick a config that has one.")
+            raise ValueError(
+                f"Dataset {dataset_name!r} has no 'train' split (found {splits}); pick a config that has one."
+            )
     else:
         data_files = {"train": _existing_files(train_files, "train_files")}
         if validation_files is not None:
@@ -100,8 +110,12 @@ def build_lm_datasets(
 
     max_len = getattr(tokenizer, "model_max_length", _HUGE)
     if block_size > max_len:
-        logger.warning("block_size=%d exceeds the tokenizer's model_max_length=%d; make sure the model "
-                       "has at least that many positions.", block_size, max_len)
+        logger.warning(
+            "block_size=%d exceeds the tokenizer's model_max_length=%d; make sure the model "
+            "has at least that many positions.",
+            block_size,
+            max_len,
+        )
 
     def tokenize(batch):
         return tokenizer(batch[text_column])
@@ -114,11 +128,20 @@ def build_lm_datasets(
         return result
 
     out = []
-    for split_name, split, limit in (("train", train_raw, max_train_samples), ("validation", eval_raw, max_eval_samples)):
-        tokenized = split.map(tokenize, batched=True, num_proc=num_proc, remove_columns=split.column_names,
-                              desc=f"Tokenizing {split_name}")
-        blocks = tokenized.map(group_texts, batched=True, num_proc=num_proc,
-                               desc=f"Grouping {split_name} into blocks of {block_size}")
+    for split_name, split, limit in (
+        ("train", train_raw, max_train_samples),
+        ("validation", eval_raw, max_eval_samples),
+    ):
+        tokenized = split.map(
+            tokenize,
+            batched=True,
+            num_proc=num_proc,
+            remove_columns=split.column_names,
+            desc=f"Tokenizing {split_name}",
+        )
+        blocks = tokenized.map(
+            group_texts, batched=True, num_proc=num_proc, desc=f"Grouping {split_name} into blocks of {block_size}"
+        )
         if len(blocks) == 0:
             n_tokens = sum(len(ids) for ids in tokenized["input_ids"])
             raise ValueError(
@@ -165,8 +188,10 @@ def _existing_files(files, arg_name: str) -> list[str]:
         raise ValueError(f"{arg_name} is empty: pass at least one .txt/.json/.jsonl/.csv file.")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"{arg_name}: file(s) not found: {missing}. Check the paths (they are resolved "
-                                f"against the working directory {os.getcwd()}).")
+        raise FileNotFoundError(
+            f"{arg_name}: file(s) not found: {missing}. Check the paths (they are resolved "
+            f"against the working directory {os.getcwd()})."
+        )
     return paths
 
 
@@ -185,7 +210,9 @@ def _carve_validation(train: Dataset, pct: int) -> tuple[Dataset, Dataset]:
     n = len(train)
     n_val = max(1, n * pct // 100)
     if n - n_val < 1:
-        raise ValueError(f"The train split has {n} rows, too few to hold out {pct}% for validation; "
-                         "pass validation_files= or more data.")
+        raise ValueError(
+            f"The train split has {n} rows, too few to hold out {pct}% for validation; "
+            "pass validation_files= or more data."
+        )
     logger.info("No validation split: holding out the last %d of %d rows (%d%%).", n_val, n, pct)
     return train.select(range(n - n_val)), train.select(range(n - n_val, n))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -101,7 +100,9 @@ def test_two_processes_populate_the_cache_once(corpus, cache_root, tmp_path):
         "print(json.dumps([len(c.train_files), len(c.validation_files)]))"
     )
     cmd = [sys.executable, "-c", code, str(tmp_path / "cache"), str(archive)]
-    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert [json.loads(o) for o, _ in outs] == [[39, 3], [39, 3]]
@@ -151,15 +152,19 @@ def test_tokenizer_rejects_bad_arguments(corpus, tmp_path):
 def test_text_files_become_full_blocks_with_labels(small_tokenizer, corpus, tmp_path):
     train_files = corpus.train_files[:3]
     train, val = build_lm_datasets(
-        small_tokenizer, train_files=train_files, validation_files=corpus.validation_files[:1],
-        block_size=64, max_eval_samples=10, cache_dir=tmp_path,
+        small_tokenizer,
+        train_files=train_files,
+        validation_files=corpus.validation_files[:1],
+        block_size=64,
+        max_eval_samples=10,
+        cache_dir=tmp_path,
     )
     assert len(train) > 100 and len(val) == 10
     for row in (train[0], train[len(train) - 1], val[0]):
         assert len(row["input_ids"]) == 64
         assert row["labels"] == row["input_ids"]
     # Line breaks are kept, so the first block decodes to the start of the first file.
-    first_text = Path(sorted(train_files)[0]).read_text()
+    first_text = Path(min(train_files)).read_text()
     assert first_text.startswith(small_tokenizer.decode(train[0]["input_ids"]))
 
 
@@ -168,8 +173,14 @@ def test_json_files_with_custom_column_and_carved_validation(small_tokenizer, co
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"content": para, "id": i}) + "\n" for i, para in enumerate(lines)))
 
-    train, val = build_lm_datasets(small_tokenizer, train_files=[path], text_column="content",
-                                   block_size=32, validation_split_percentage=10, cache_dir=tmp_path)
+    train, val = build_lm_datasets(
+        small_tokenizer,
+        train_files=[path],
+        text_column="content",
+        block_size=32,
+        validation_split_percentage=10,
+        cache_dir=tmp_path,
+    )
     assert len(train) > 5 * len(val) > 0
     assert set(train.column_names) == {"input_ids", "attention_mask", "labels"}
     assert all(len(ids) == 32 for ids in val["input_ids"])
