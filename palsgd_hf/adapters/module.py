@@ -55,6 +55,13 @@ class ModuleAdapter:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
 
+    def reset_nonfinite_state(self) -> None:
+        """Zero non-finite entries of the inner optimizer's state (e.g. Adam moments after a NaN)."""
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    torch.nan_to_num_(value, nan=0.0, posinf=0.0, neginf=0.0)
+
     def _install_counting_hook(self, comm: Communicator) -> None:
         """Count DDP's gradient bytes in the PALSGD accounting (DDP's default all-reduce, averaged)."""
         group = self.ddp.process_group

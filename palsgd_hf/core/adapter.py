@@ -41,3 +41,6 @@ class ParamAdapter(Protocol):
 
     def warmup_gradient_sync(self, comm: Communicator) -> None:
         """Average gradients over all workers before a warm-up step, if the backend did not."""
+
+    # Optional: ``reset_nonfinite_state()`` -- replace non-finite values in the inner optimizer's
+    # state by zeros; called after a sync was skipped for a non-finite pseudo-gradient.
