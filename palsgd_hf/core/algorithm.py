@@ -199,6 +199,11 @@ class PALSGD:
         else:
             # Every peer saw the same averaged NaN/inf, so all skip together: no extra round.
             self.counters["skipped_syncs"] += 1
+            # The worker that diverged has non-finite inner-optimizer moments too; without this,
+            # its next step would turn the restored weights non-finite again.
+            reset = getattr(self.adapter, "reset_nonfinite_state", None)
+            if reset is not None:
+                reset()
             logger.warning(
                 "PALSGD step %d: non-finite pseudo-gradient; outer update skipped, workers return to the last "
                 "good anchor (skipped_syncs=%d)", self.step, self.counters["skipped_syncs"],
