@@ -1,0 +1,102 @@
+"""From per-run histories to the numbers the benchmark claims: time to target, equal-token loss, bytes.
+
+A run (one method on one link) is a dict with ``method``, ``steps`` (optimizer steps taken),
+``train_seconds`` and ``history``: one entry per evaluation with ``step``, ``train_seconds`` (wall
+time of training up to that step, evaluation excluded), ``eval_loss``, ``comm_bytes`` and
+``comm_seconds`` (cumulative, from the collectives), and optionally ``comm_at_local_start``: the
+cumulative bytes when the warm-up ended, so that bytes per step of the local phase alone can be
+compared with DDP's (the warm-up steps are DDP steps by design). The target of every run on a link is DDP's
+final eval loss on that link. Eval losses are those of the global model (for the local methods:
+the anchor, i.e. the model as of the last outer sync).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+
+def first_reach(history: list[dict], target: float, key: str = "train_seconds") -> Optional[float]:
+    """``key`` at the first evaluation whose loss is <= ``target`` (None if never reached)."""
+    for entry in history:
+        if entry["eval_loss"] <= target:
+            return float(entry[key])
+    return None
+
+
+def loss_at_step(history: list[dict], step: int) -> Optional[float]:
+    """Eval loss at exactly ``step`` (evaluations are every k steps and DDP's last step is one)."""
+    for entry in history:
+        if entry["step"] == step:
+            return float(entry["eval_loss"])
+    return None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def _local_bytes_per_step(run: dict) -> Optional[float]:
+    start = run.get("comm_at_local_start")
+    if start is None or run["steps"] <= start["step"]:
+        return None
+    return (run["comm_bytes"] - start["comm_bytes"]) / (run["steps"] - start["step"])
+
+
+def summarize_link(runs: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Per method: the comparison against DDP (and DiLoCo) on one link."""
+    if "ddp" not in runs:
+        raise ValueError(f"no DDP run among {sorted(runs)}: DDP's final eval loss is the target.")
+    ddp = runs["ddp"]
+    target = float(ddp["history"][-1]["eval_loss"])
+    ddp_steps = int(ddp["steps"])
+    ddp_bytes_per_step = ddp["comm_bytes"] / max(ddp["steps"], 1)
+    ddp_loss = loss_at_step(ddp["history"], ddp_steps)
+    out: dict[str, dict[str, Any]] = {}
+    for method, run in runs.items():
+        history = run["history"]
+        equal_tokens = loss_at_step(history, ddp_steps)
+        bytes_per_step = run["comm_bytes"] / max(run["steps"], 1)
+        out[method] = {
+            "target_loss": target,
+            "steps": run["steps"],
+            "train_seconds": run["train_seconds"],
+            "seconds_per_step": run["train_seconds"] / max(run["steps"], 1),
+            "time_to_target": first_reach(history, target),
+            "steps_to_target": first_reach(history, target, key="step"),
+            "final_eval_loss": float(history[-1]["eval_loss"]),
+            "eval_loss_at_ddp_tokens": equal_tokens,
+            "loss_gap_vs_ddp": _ratio(equal_tokens, ddp_loss) - 1 if _ratio(equal_tokens, ddp_loss) else None,
+            "comm_bytes": run["comm_bytes"],
+            "comm_seconds": run["comm_seconds"],
+            "bytes_per_step": bytes_per_step,
+            "bytes_per_step_vs_ddp": _ratio(bytes_per_step, ddp_bytes_per_step),
+            "local_bytes_per_step_vs_ddp": _ratio(_local_bytes_per_step(run), ddp_bytes_per_step),
+            "comm_fraction": _ratio(run["comm_seconds"], run["train_seconds"]),
+        }
+    ddp_time = out["ddp"]["time_to_target"]
+    diloco_time = out.get("diloco", {}).get("time_to_target")
+    for row in out.values():
+        row["time_to_target_vs_ddp"] = _ratio(row["time_to_target"], ddp_time)
+        row["time_to_target_vs_diloco"] = _ratio(row["time_to_target"], diloco_time)
+    return out
+
+
+def check_targets(summary: dict[str, dict[str, Any]], sync_interval: int) -> dict[str, Any]:
+    """The issue's targets for PALSGD on one link: each is True / False / None (not measurable)."""
+    row = summary.get("palsgd")
+    if row is None:
+        return {}
+
+    def le(value: Optional[float], bound: float) -> Optional[bool]:
+        return None if value is None else bool(value <= bound)
+
+    gap = row["loss_gap_vs_ddp"]
+    return {
+        "time_to_target_le_0.6x_ddp": le(row["time_to_target_vs_ddp"], 0.6),
+        "time_to_target_le_0.9x_diloco": le(row["time_to_target_vs_diloco"], 0.9),
+        "equal_token_loss_within_2pct_of_ddp": None if gap is None else bool(gap <= 0.02),
+        f"local_bytes_per_step_le_1/H (H={sync_interval})": le(row["local_bytes_per_step_vs_ddp"], 1.0 / sync_interval),
+    }
