@@ -1,0 +1,256 @@
+"""PALSGDTrainer: the Transformers ``Trainer`` with PALSGD in place of per-step gradient all-reduce.
+
+    args = PALSGDTrainingArguments(output_dir="out", palsgd_sync_interval=32, palsgd_mixing_rate=1.0, ...)
+    trainer = PALSGDTrainer(model=model, args=args, train_dataset=train, eval_dataset=val)
+    trainer.train(); trainer.save_model()      # launched with torchrun / accelerate launch
+
+:class:`PALSGDTrainerMixin` holds all of it, so PALSGD attaches to any ``Trainer`` subclass
+(``class MySFT(PALSGDTrainerMixin, SFTTrainer)``), with ``palsgd_config=PALSGDConfig(...)`` when
+the arguments are not :class:`PALSGDTrainingArguments`. The hooks, in the order of a step:
+
+* ``_prepare_for_training``: after accelerate has wrapped the model (DDP) and the optimizer, the
+  optimizer is wrapped in :class:`PALSGDOptimizer`, so the Trainer's ``optimizer.step()`` is a
+  PALSGD step; on resume each rank's own PALSGD file is read back.
+* ``get_batch_samples``: the step's kind is drawn before its micro-batches run, so DDP's gradient
+  all-reduce is already off when accelerate's ``no_sync`` saves and restores it.
+* ``_get_num_items_in_batch`` / ``training_step``: a pseudo-sync step reads its micro-batches but
+  computes nothing; a local gradient step normalizes its loss by its own token count, with no
+  all-gather of counts (that would be per-step traffic).
+* ``_clip_grad_norm`` / ``_get_grad_norm``: untouched except on pseudo-sync steps, which have no
+  gradients (and must not touch an fp16 GradScaler).
+* ``_maybe_log_save_evaluate`` / ``_finalize_training``: the reported loss is the mean over the
+  steps that computed one (pseudo-sync steps add zeros to the Trainer's running sum).
+* ``log``: palsgd/* metrics join every training log (``log_history``, every ``report_to``).
+* ``evaluation_loop``: runs on the global model (the anchor) unless ``palsgd_eval_on='local'``.
+* ``save_model``: always writes the global model; ``_finalize_training`` first syncs a last time.
+* ``_save_optimizer_and_scheduler``: every rank writes ``palsgd_rank{R}.pt`` (checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+
+from ..config import PALSGDConfig
+from ..core.algorithm import PALSGD, StepKind
+from ..core.optimizer import PALSGDOptimizer
+from ..wrap import build_algorithm
+from . import checkpoint
+from .trainer_args import PALSGDTrainingArguments, check_trainer_options, check_training_args, check_world
+
+logger = logging.getLogger(__name__)
+
+
+class PALSGDTrainerMixin:
+    """PALSGD for a ``transformers.Trainer`` subclass; put it first in the bases (see module doc)."""
+
+    def __init__(self, *args: Any, palsgd_config: Optional[PALSGDConfig] = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if isinstance(self.args, PALSGDTrainingArguments):
+            if palsgd_config is not None:
+                raise ValueError(
+                    "got both PALSGDTrainingArguments and palsgd_config: pass the settings once, either as the "
+                    "arguments' palsgd_* fields or as palsgd_config with plain TrainingArguments."
+                )
+            palsgd_config = self.args.palsgd_config()
+        elif palsgd_config is None:
+            raise ValueError(
+                f"{type(self).__name__} needs PALSGD settings: pass args=PALSGDTrainingArguments(...) or "
+                "palsgd_config=PALSGDConfig(...)."
+            )
+        else:
+            check_trainer_options(self.args)
+            check_training_args(palsgd_config, self.args)
+            check_world(palsgd_config, self.args.world_size)
+        self.palsgd_config = palsgd_config
+        self.palsgd: Optional[PALSGD] = None
+        self._palsgd_computed_at_log = 0
+
+    # ------------------------------------------------------------------ set-up and resume
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if isinstance(self.optimizer, PALSGDOptimizer):
+            # A second train() call: hand the Trainer back the optimizer it created, as stock.
+            self.optimizer = self.optimizer.optimizer
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        timeout = getattr(self.args, "palsgd_comm_timeout_seconds", None)
+        # model_wrapped is what accelerate prepared (DDP, or a DeepSpeed engine): build_algorithm picks the
+        # adapter from it. Collective: every rank builds its process groups here.
+        self.palsgd = build_algorithm(
+            self.model_wrapped, self.optimizer, self.palsgd_config,
+            comm_timeout=timedelta(seconds=timeout) if timeout else None,
+        )
+        self.optimizer = PALSGDOptimizer(self.optimizer, self.palsgd)
+        self.callback_handler.optimizer = self.optimizer
+        if resume_from_checkpoint is not None:
+            self._palsgd_load(resume_from_checkpoint)
+        self._palsgd_computed_at_log = self._palsgd_computed()
+        self._palsgd_announce()
+        return model, train_dataloader
+
+    def _palsgd_announce(self) -> None:
+        cfg = self.palsgd_config
+        if cfg.is_ddp:
+            logger.info("PALSGD method 'ddp': every step is a synchronous data-parallel step.")
+            return
+        peak = max(float(g.get("initial_lr", g["lr"])) for g in self.optimizer.param_groups)
+        logger.info(
+            "PALSGD: method=%s H=%d p=%g eta=%g warm-up=%d steps; pull per pseudo-sync step c = lr*eta/p = %.4g at "
+            "the peak learning rate %g (aim for ~0.01-0.1).",
+            cfg.method, cfg.sync_interval, cfg.pseudo_sync_prob, cfg.mixing_rate, cfg.warmup_steps,
+            cfg.check_mixing_coefficient(peak), peak,
+        )
+
+    def _palsgd_load(self, checkpoint_dir: str) -> None:
+        """Read this rank's local weights, inner optimizer state and PALSGD state over the stock ones."""
+        state = checkpoint.load_rank_state(checkpoint_dir, self.args.process_index, self.args.world_size)
+        self._palsgd_load_local_state(state)
+        self.palsgd.load_state_dict(state["algorithm"])
+        if self.palsgd.step != self.state.global_step:
+            raise ValueError(
+                f"{checkpoint_dir}: the PALSGD state is at step {self.palsgd.step} but the Trainer state at step "
+                f"{self.state.global_step}; the checkpoint is inconsistent, resume from another one."
+            )
+        logger.info("Resumed PALSGD state of rank %d from %s (step %d)", self.args.process_index, checkpoint_dir,
+                    self.palsgd.step)
+
+    # Local weights and inner-optimizer state. DeepSpeed writes and reads its per-rank partitions in its own
+    # checkpoint files, so there only the PALSGD state travels in palsgd_rank{R}.pt.
+    def _palsgd_local_state(self) -> dict[str, Any]:
+        if self.is_deepspeed_enabled:
+            return {}
+        return {"model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict()}
+
+    def _palsgd_load_local_state(self, state: dict[str, Any]) -> None:
+        if self.is_deepspeed_enabled:
+            return
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.palsgd is None:
+            return
+        checkpoint.save_rank_state(
+            output_dir, self.args.process_index, self.args.world_size, self.palsgd.state_dict(),
+            **self._palsgd_local_state(),
+        )
+        # Rank 0 writes trainer_state.json next, which marks the checkpoint complete: every rank's file first.
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    # ------------------------------------------------------------------ the step
+    def _palsgd_kind(self) -> Optional[StepKind]:
+        # Only inside train(): evaluation and prediction never draw a coin.
+        return self.palsgd.step_kind() if self.palsgd is not None and self.is_in_train else None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        self._palsgd_kind()  # draw the coin, switch backend gradient sync before any micro-batch runs
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        kind = self._palsgd_kind()
+        if kind is StepKind.PSEUDO_SYNC:
+            return None  # nothing is computed
+        if kind is not StepKind.GRADIENT or not self.args.average_tokens_across_devices or self.args.world_size == 1:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        # A local step: count this rank's tokens only (no all-gather). compute_loss still multiplies the loss by
+        # the process count (it assumes DDP's averaging), so scale the count alike: loss = sum / local count.
+        self.args.average_tokens_across_devices = False
+        try:
+            count = super()._get_num_items_in_batch(batch_samples, device)
+        finally:
+            self.args.average_tokens_across_devices = True
+        return None if count is None else count * (self.accelerator.num_processes // self.get_tp_size())
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._palsgd_kind() is StepKind.PSEUDO_SYNC:
+            # The micro-batch was read (the data position advances as in the paper) but is not computed.
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def floating_point_ops(self, inputs):
+        return 0 if self._palsgd_kind() is StepKind.PSEUDO_SYNC else super().floating_point_ops(inputs)
+
+    def _clip_grad_norm(self, model):
+        if self._palsgd_kind() is StepKind.PSEUDO_SYNC:
+            return None
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self._palsgd_kind() is StepKind.PSEUDO_SYNC:
+            # No gradients, and unscaling an fp16 GradScaler without a step would break the next real step.
+            # A pseudo-sync step is never an overflow-skipped one: the LR scheduler must step.
+            for opt in getattr(self.accelerator, "_optimizers", []):
+                if hasattr(opt, "_is_overflow"):
+                    opt._is_overflow = False
+            return None
+        return super()._get_grad_norm(model, grad_norm)
+
+    # ------------------------------------------------------------------ logging
+    def _palsgd_computed(self) -> int:
+        """Optimizer steps so far that ran forward/backward (warm-up + gradient steps)."""
+        if self.palsgd is None:
+            return 0
+        return self.palsgd.counters["warmup_steps"] + self.palsgd.counters["gradient_steps"]
+
+    def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+        if self.palsgd is not None and self.state.global_step >= self.state.max_steps:
+            # The last step: sync now, so that its evaluation and checkpoint see the final global model.
+            # (max_steps is the same on every rank, so every rank joins this collective.)
+            self.palsgd.finalize()
+        steps = self.state.global_step - self._globalstep_last_logged
+        if self.palsgd is not None and self.control.should_log and steps > 0:
+            # The Trainer logs mean_over_ranks(sum of step losses) / steps; pseudo-sync steps added zeros.
+            # Rescale so that it logs sum over ranks / computed steps over ranks. Collective, on a logging
+            # step only (the Trainer all-gathers the loss right after).
+            computed = torch.tensor(
+                [float(self._palsgd_computed() - self._palsgd_computed_at_log)], device=tr_loss.device
+            )
+            if self.args.world_size > 1:
+                dist.all_reduce(computed)
+            mean_computed = computed.item() / self.args.world_size
+            if mean_computed > 0:
+                tr_loss.mul_(steps / mean_computed)
+                self._palsgd_computed_at_log = self._palsgd_computed()
+            else:
+                self.control.should_log = False  # no loss measured since the last log: fold into the next one
+        return super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.palsgd is not None and ("loss" in logs or "train_loss" in logs):
+            logs.update({f"palsgd/{k}": v for k, v in self.palsgd.metrics().items()})
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ end of training, evaluation, saving
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        if self.palsgd is not None:
+            self.palsgd.finalize()  # collective: every rank now holds the global model
+            # The unlogged remainder is added to train_loss from this rank alone (as stock): same correction.
+            steps = self.state.global_step - self._globalstep_last_logged
+            computed = self._palsgd_computed() - self._palsgd_computed_at_log
+            if steps > 0 and computed > 0:
+                self._tr_loss.mul_(steps / computed)
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
+    def _palsgd_global_weights(self):
+        return self.palsgd.global_weights() if self.palsgd is not None else contextlib.nullcontext()
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        local = getattr(self.args, "palsgd_eval_on", "global") == "local"
+        with contextlib.nullcontext() if local else self._palsgd_global_weights():
+            return super().evaluation_loop(*args, **kwargs)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        # Between syncs this writes the anchor (the last global model), never one worker's drifted copy.
+        with self._palsgd_global_weights():
+            super().save_model(output_dir, _internal_call)
+
+
+class PALSGDTrainer(PALSGDTrainerMixin, Trainer):
+    """``transformers.Trainer`` trained with PALSGD; takes :class:`PALSGDTrainingArguments`."""

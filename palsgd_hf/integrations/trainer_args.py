@@ -1,0 +1,207 @@
+"""PALSGDTrainingArguments: ``TrainingArguments`` plus the PALSGD settings, prefixed ``palsgd_``.
+
+Every :class:`~palsgd_hf.config.PALSGDConfig` field ``x`` has a twin ``palsgd_x`` here, with the
+same default and help text (both read from ``PALSGDConfig``, so the two cannot drift apart), so
+``HfArgumentParser`` and the command line see ``--palsgd_sync_interval 32`` and so on. Two
+Trainer-only settings follow: ``palsgd_eval_on`` (evaluate the global model or each worker's
+local one) and ``palsgd_comm_timeout_seconds``.
+
+Validation happens in ``__post_init__``, before any training work: the PALSGD values themselves
+(errors re-worded to name the ``palsgd_`` field), then their contradictions with the rest of the
+arguments (:func:`check_training_args`, also used when a ``PALSGDConfig`` is handed to the
+trainer directly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from transformers import TrainingArguments
+from transformers.training_args import OptimizerNames
+
+from ..config import ANCHOR_DEVICES, COMM_DTYPES, METHODS, OUTER_OPTIMIZERS, PALSGDConfig, PALSGDConfigError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "palsgd_"
+EVAL_ON = ("global", "local")
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(PALSGDConfig)}
+
+# Optimizers that update parameters inside backward (LOMO) or from per-parameter hooks (layer-wise
+# GaLore/APOLLO): there is no optimizer.step() for PALSGD to scale or replace.
+_STEP_IN_BACKWARD = {
+    OptimizerNames.LOMO, OptimizerNames.ADALOMO, OptimizerNames.GALORE_ADAMW_LAYERWISE,
+    OptimizerNames.GALORE_ADAMW_8BIT_LAYERWISE, OptimizerNames.GALORE_ADAFACTOR_LAYERWISE,
+    OptimizerNames.APOLLO_ADAMW_LAYERWISE,
+}
+# Below this pull per pseudo-sync step the elastic term does (almost) nothing: typical of
+# fine-tuning learning rates with the paper's eta (see docs/trainer.md).
+_WEAK_PULL = 1e-3
+
+
+def _twin(name: str, choices: Optional[tuple[str, ...]] = None) -> Any:
+    """A dataclass field mirroring ``PALSGDConfig.<name>``: same default, same help."""
+    source = _CONFIG_FIELDS[name]
+    metadata = {"help": f"{source.metadata['help']} (PALSGDConfig.{name})"}
+    if choices is not None:
+        metadata["choices"] = list(choices)
+    return field(default=source.default, metadata=metadata)
+
+
+@dataclass
+class PALSGDTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` for :class:`~palsgd_hf.integrations.trainer.PALSGDTrainer`.
+
+    The ``palsgd_*`` fields are :class:`~palsgd_hf.config.PALSGDConfig`'s fields; see its help
+    texts (``--help`` on the command line). ``palsgd_config()`` returns the resolved config.
+    """
+
+    palsgd_method: str = _twin("method", METHODS)
+    palsgd_sync_interval: int = _twin("sync_interval")
+    palsgd_pseudo_sync_prob: Optional[float] = _twin("pseudo_sync_prob")
+    palsgd_mixing_rate: float = _twin("mixing_rate")
+    palsgd_warmup_steps: int = _twin("warmup_steps")
+    palsgd_outer_optimizer: Optional[str] = _twin("outer_optimizer", OUTER_OPTIMIZERS)
+    palsgd_outer_lr: Optional[float] = _twin("outer_lr")
+    palsgd_outer_momentum: Optional[float] = _twin("outer_momentum")
+    palsgd_seed: int = _twin("seed")
+    palsgd_shard_size: int = _twin("shard_size")
+    palsgd_overlap_steps: int = _twin("overlap_steps")
+    palsgd_comm_dtype: str = _twin("comm_dtype", COMM_DTYPES)
+    palsgd_anchor_device: str = _twin("anchor_device", ANCHOR_DEVICES)
+    palsgd_eval_on: str = field(
+        default="global",
+        metadata={
+            "help": "Which model evaluate()/predict() score: 'global' (the anchor, the model every worker "
+            "returns to at the next sync) or 'local' (each worker its own drifted copy; the reported metric "
+            "is then gathered over the workers' shards of the evaluation set).",
+            "choices": list(EVAL_ON),
+        },
+    )
+    palsgd_comm_timeout_seconds: Optional[float] = field(
+        default=None,
+        metadata={"help": "Timeout of PALSGD's process groups and collectives, in seconds (default: torch's)."},
+    )
+
+    def __post_init__(self) -> None:
+        config = self.palsgd_config()  # the PALSGD values alone first: cheapest, clearest errors
+        check_trainer_options(self)
+        check_training_args(config, self)
+        super().__post_init__()  # initializes the distributed state, so the world size is known below
+        check_world(config, self.world_size)
+
+    def palsgd_config(self) -> PALSGDConfig:
+        """The :class:`PALSGDConfig` these arguments describe (validated; errors name ``palsgd_`` fields)."""
+        values = {name: getattr(self, PREFIX + name) for name in _CONFIG_FIELDS}
+        try:
+            return PALSGDConfig(**values)
+        except PALSGDConfigError as err:
+            raise PALSGDConfigError(prefixed(str(err))) from None
+
+
+def prefixed(message: str) -> str:
+    """Rename PALSGDConfig field names in an error message to their ``palsgd_`` argument names."""
+    for name in _CONFIG_FIELDS:
+        # Multi-word names are unambiguous anywhere; 'method' and 'seed' only as 'name=' assignments.
+        pattern = rf"(?<![\w.]){name}\b" if "_" in name else rf"(?<![\w.]){name}(?==)"
+        message = re.sub(pattern, PREFIX + name, message)
+    return message
+
+
+def check_trainer_options(args: Any) -> None:
+    """The Trainer-only PALSGD options (``palsgd_eval_on``, ``palsgd_comm_timeout_seconds``)."""
+    eval_on = getattr(args, "palsgd_eval_on", "global")
+    if eval_on not in EVAL_ON:
+        raise PALSGDConfigError(f"palsgd_eval_on={eval_on!r} is not one of {EVAL_ON}; pick one of them.")
+    timeout = getattr(args, "palsgd_comm_timeout_seconds", None)
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise PALSGDConfigError(
+            f"palsgd_comm_timeout_seconds={timeout!r} must be a positive number of seconds; leave it unset for "
+            "torch's default."
+        )
+
+
+def check_training_args(config: PALSGDConfig, args: TrainingArguments) -> None:
+    """Refuse PALSGD settings that contradict the other training arguments; warn about weak ones.
+
+    Runs on the raw argument values (before or after ``TrainingArguments.__post_init__``).
+    """
+    if getattr(args, "fsdp", None):
+        raise PALSGDConfigError(
+            f"fsdp={args.fsdp!r} cannot be combined with PALSGD: there is no FSDP adapter yet; shard each worker "
+            "with DeepSpeed ZeRO (deepspeed=... and palsgd_shard_size) or train with plain DDP."
+        )
+    if _optimizer_name(args.optim) in _STEP_IN_BACKWARD:
+        raise PALSGDConfigError(
+            f"optim={_optimizer_name(args.optim).value!r} updates parameters inside backward, so PALSGD cannot "
+            "scale or skip its step; use an optimizer with a step(), e.g. optim='adamw_torch'."
+        )
+    if config.shard_size > 1 and not args.deepspeed:
+        raise PALSGDConfigError(
+            f"palsgd_shard_size={config.shard_size} needs DeepSpeed ZeRO to shard each worker's model copy, but "
+            "deepspeed is not set; pass deepspeed=<ZeRO config> or use palsgd_shard_size=1."
+        )
+    if config.is_ddp:
+        return
+    _check_pull(config, args.learning_rate)
+    if args.max_steps is not None and args.max_steps > 0:
+        local_steps = args.max_steps - config.warmup_steps
+        if local_steps <= 0:
+            logger.warning(
+                "palsgd_warmup_steps=%d >= max_steps=%d: every step is a synchronous warm-up step, so this run is "
+                "plain DDP; lower palsgd_warmup_steps to train with PALSGD.", config.warmup_steps, args.max_steps,
+            )
+        elif local_steps < config.sync_interval:
+            logger.warning(
+                "palsgd_sync_interval=%d is longer than the %d steps after warm-up: the only global sync is the "
+                "final one at the end of training.", config.sync_interval, local_steps,
+            )
+    if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False):
+        logger.warning(
+            "include_num_input_tokens_seen=%r all-gathers a token count after every micro-batch, also between "
+            "PALSGD syncs; set it to 'no' for local steps without any communication.",
+            args.include_num_input_tokens_seen,
+        )
+
+
+def _optimizer_name(optim: Any) -> Optional[OptimizerNames]:
+    try:
+        return OptimizerNames(optim)
+    except ValueError:
+        return None  # an unknown name: TrainingArguments itself reports it
+
+
+def _check_pull(config: PALSGDConfig, learning_rate: float) -> None:
+    """c = lr*eta/p at the peak learning rate must lie in (0, 1]; warn when it is negligible."""
+    try:
+        c = config.check_mixing_coefficient(learning_rate)
+    except PALSGDConfigError as err:
+        raise PALSGDConfigError(
+            f"at the peak learning_rate={learning_rate:g}: {prefixed(str(err))} (or lower learning_rate)."
+        ) from None
+    if 0 < c < _WEAK_PULL:
+        logger.warning(
+            "PALSGD pull per pseudo-sync step c = learning_rate*palsgd_mixing_rate/palsgd_pseudo_sync_prob = "
+            "%g*%g/%g = %.2g at the peak learning rate: almost no pull toward the global model. Aim for c of "
+            "about 0.01-0.1, e.g. palsgd_mixing_rate=%.3g.",
+            learning_rate, config.mixing_rate, config.pseudo_sync_prob, c, 0.03 * config.pseudo_sync_prob / learning_rate,
+        )
+
+
+def check_world(config: PALSGDConfig, world_size: int) -> None:
+    """Checks that need the launched world size."""
+    if world_size % config.shard_size != 0:
+        raise PALSGDConfigError(
+            f"the job has {world_size} processes, not a multiple of palsgd_shard_size={config.shard_size}: every "
+            f"worker needs exactly palsgd_shard_size ranks; launch a multiple of {config.shard_size} processes."
+        )
+    if world_size // config.shard_size == 1 and not config.is_ddp:
+        logger.warning(
+            "PALSGD with a single worker (world size %d, palsgd_shard_size %d): there is nobody to average with; "
+            "the run is local SGD on one worker with an outer optimizer. Launch with torchrun or "
+            "`accelerate launch --multi_gpu` for several workers.", world_size, config.shard_size,
+        )
