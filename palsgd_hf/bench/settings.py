@@ -34,10 +34,10 @@ class BenchSettings:
     vocab_size: int = 2048
     block_size: int = 128
     batch_size: int = 8  # per worker, per optimizer step
-    steps: int = 300  # DDP's optimizer steps: the token budget
+    steps: int = 320  # DDP's optimizer steps: the token budget
     local_step_factor: float = 2.0
     learning_rate: float = 3e-3
-    warmup_ratio: float = 0.0  # LR warm-up of the inner schedule (fraction of DDP's steps)
+    lr_warmup_steps: int = 10  # linear LR warm-up, then constant (methods run different step counts)
     eval_every: int = 16
     eval_samples: int = 64  # validation blocks per evaluation
     palsgd_warmup_steps: int = 16  # synchronous steps before local steps start (all local methods)
@@ -62,6 +62,11 @@ class BenchSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
+        if self.steps % self.eval_every:
+            raise ValueError(
+                f"steps={self.steps} must be a multiple of eval_every={self.eval_every}: DDP's last step must be "
+                f"evaluated (its loss is the target); e.g. steps={(self.steps // self.eval_every + 1) * self.eval_every}."
+            )
         if not self.local_step_factor >= 1.0:
             raise ValueError(f"local_step_factor={self.local_step_factor!r} must be >= 1 (1 = DDP's step count).")
         if not 0 < self.pseudo_sync_prob < 1:
