@@ -1,0 +1,146 @@
+"""The ``mpu`` object that confines DeepSpeed ZeRO to one replica group.
+
+``deepspeed.initialize(..., mpu=...)`` takes a "model parallel unit": DeepSpeed asks it for its
+data-parallel group and shards ZeRO state over that group only. PALSGD's layout is R replicas of
+S ranks (see :mod:`palsgd_hf.core.topology`): ZeRO must shard within a replica (S ranks) and
+never reduce gradients across replicas, which is PALSGD's job. So the data-parallel group we hand
+DeepSpeed is the replica group, and the model-parallel group is the rank alone (size 1).
+
+The process groups are created once per process and shard size (``dist.new_group`` is collective
+over the whole world, and every group costs connections), and the same :class:`ProcessGroups`
+feed both DeepSpeed (through the mpu) and the PALSGD communicators.
+
+DeepSpeed also checks ``train_batch_size == micro_batch * grad_accum * dp_world_size``, where the
+data-parallel size is now S rather than the world size; :func:`fit_batch_size` rewrites a config
+whose batch size was filled in for the whole world (HF Trainer and accelerate do that).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from datetime import timedelta
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+from ..config import PALSGDConfigError
+from ..core.topology import ProcessGroups, Topology, build_process_groups
+
+logger = logging.getLogger(__name__)
+
+# (world size, shard size) -> ReplicaMPU; one set of groups per process and layout.
+_CACHE: dict[tuple[int, int], "ReplicaMPU"] = {}
+
+
+class ReplicaMPU:
+    """DeepSpeed's mpu interface for PALSGD: data parallel = this rank's replica group, no model parallel.
+
+    Attributes:
+        topology: the replica x shard layout of this rank.
+        groups: the replica and peer groups (``None`` = the whole world), shared with PALSGD.
+    """
+
+    def __init__(self, topology: Topology, groups: ProcessGroups, self_group: dist.ProcessGroup,
+                 replica_group: dist.ProcessGroup):
+        self.topology = topology
+        self.groups = groups
+        self._self_group = self_group  # this rank alone: the (trivial) model-parallel group
+        self._replica_group = replica_group
+
+    # data parallel = ZeRO's group = the replica
+    def get_data_parallel_group(self):
+        return self._replica_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.topology.shard_size
+
+    def get_data_parallel_rank(self) -> int:
+        return self.topology.shard_index
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return self.topology.replica_ranks(self.topology.replica_index)
+
+    # model / tensor parallel: none (size 1)
+    def get_model_parallel_group(self):
+        return self._self_group
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_rank()
+
+    def __repr__(self) -> str:
+        t = self.topology
+        return f"ReplicaMPU(replica {t.replica_index}/{t.num_replicas}, shard {t.shard_index}/{t.shard_size})"
+
+
+def replica_mpu(shard_size: int, timeout: Optional[timedelta] = None) -> ReplicaMPU:
+    """The mpu (and process groups) of this rank for ``shard_size`` ranks per replica.
+
+    Collective on first use for a layout: every rank must call it, in the same order.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "DeepSpeed under PALSGD needs torch.distributed initialized first: call deepspeed.init_distributed() "
+            "(or launch with torchrun / accelerate launch, which the HF Trainer initializes) before building the mpu."
+        )
+    topology = Topology.from_environment(shard_size)  # raises PALSGDConfigError if W % S != 0
+    key = (topology.world_size, shard_size)
+    if key not in _CACHE:
+        groups = build_process_groups(topology, timeout)
+        kwargs = {"timeout": timeout} if timeout is not None else {}
+        self_group = None
+        # One-rank groups: the model-parallel group, and the replica group when S = 1
+        # (build_process_groups reports "whole world" as None, which is not what S = 1 means).
+        for rank in range(topology.world_size):
+            group = dist.new_group([rank], **kwargs)
+            if rank == topology.rank:
+                self_group = group
+        if shard_size == 1:
+            replica_group = self_group
+        elif groups.replica is None:  # S = W: one replica, the whole world
+            replica_group = dist.group.WORLD
+        else:
+            replica_group = groups.replica
+        _CACHE[key] = ReplicaMPU(topology, groups, self_group, replica_group)
+        logger.info(
+            "PALSGD + DeepSpeed layout: %d replicas x %d shards; ZeRO shards within replica %d (ranks %s)",
+            topology.num_replicas, shard_size, topology.replica_index,
+            topology.replica_ranks(topology.replica_index),
+        )
+    return _CACHE[key]
+
+
+def fit_batch_size(ds_config: dict[str, Any], mpu: ReplicaMPU) -> dict[str, Any]:
+    """A copy of ``ds_config`` whose ``train_batch_size`` counts the replica group, not the world.
+
+    DeepSpeed checks train_batch_size == micro * grad_accum * (its data-parallel size = S). A config
+    written for the whole world (micro * grad_accum * W, as HF Trainer and accelerate fill in) is
+    rewritten; any other inconsistent value is an error naming both readings.
+    """
+    config = copy.deepcopy(ds_config)
+    micro = config.get("train_micro_batch_size_per_gpu")
+    accum = config.get("gradient_accumulation_steps", 1)
+    total = config.get("train_batch_size")
+    if not isinstance(micro, int) or not isinstance(accum, int):
+        return config  # DeepSpeed derives the missing values itself from the replica size
+    t = mpu.topology
+    replica_total = micro * accum * t.shard_size
+    if total in (None, "auto") or total == micro * accum * t.world_size:
+        config["train_batch_size"] = replica_total
+    elif total != replica_total:
+        raise PALSGDConfigError(
+            f"DeepSpeed train_batch_size={total} matches neither the replica group ({micro} micro x {accum} accum x "
+            f"{t.shard_size} shards = {replica_total}) nor the world ({micro * accum * t.world_size}); under PALSGD "
+            "ZeRO's data-parallel group is one replica: set train_batch_size to 'auto' or leave it out."
+        )
+    return config
