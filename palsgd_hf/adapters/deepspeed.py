@@ -31,32 +31,33 @@ pseudo-sync step a loop skips forward/backward and still calls ``engine.step()``
 step the engine inside ``backward`` (accelerate, the HF Trainer) call
 :meth:`DeepSpeedAdapter.finish_step` once per optimizer step.
 
-Checkpoints: replicas differ between syncs, and every replica's ZeRO files have the same names,
-so ``bind`` also redirects ``engine.save_checkpoint(dir, tag)`` to ``dir/replica_<r>/<tag>``
-(DeepSpeed's own files) plus ``dir/<tag>/palsgd/rank_<k>.pt`` (this rank's PALSGD state) and
-``dir/latest``; ``engine.load_checkpoint(dir)`` reads them back. The HF Trainer's
-``checkpoint-N/global_step*`` lookup finds ``dir/<tag>``.
+Checkpoints: every replica is a ZeRO group whose files have the same names, and replicas differ
+between syncs, so engines get a per-replica checkpoint layout carrying the PALSGD state too
+(:mod:`.deepspeed_checkpoint`); ``engine.save_checkpoint`` / ``load_checkpoint`` are called as usual.
+
+Entry points: :func:`initialize` (``deepspeed.initialize`` + :func:`attach`) for a raw DeepSpeed
+loop; :func:`attach` + :class:`DeepSpeedStepOptimizer` for an engine that accelerate created inside
+``deepspeed_groups.replica_sharding`` (the HF Trainer path).
 
 DeepSpeed internals are version-specific: the supported range is checked on construction.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
 from ..core.adapter import OwnedGroup
 from ..core.comm import Communicator
+from ..core.optimizer import PALSGDOptimizer
+from . import deepspeed_checkpoint
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_DEEPSPEED = (">=0.17", "<0.20")
-PALSGD_STATE_DIR = "palsgd"
 
 
 class DeepSpeedAdapter:
@@ -72,15 +73,14 @@ class DeepSpeedAdapter:
 
     def __init__(self, engine, comm: Communicator):
         _check_deepspeed_version()
-        if type(engine).__name__ not in ("DeepSpeedEngine", "PipelineEngine"):
+        if type(engine).__name__ != "DeepSpeedEngine":
             raise TypeError(f"DeepSpeedAdapter needs a deepspeed.DeepSpeedEngine, got {type(engine).__name__}.")
         self.engine = engine
         self.zero = engine.optimizer
         self.stage = int(engine.zero_optimization_stage())
         self._check_supported(comm)
         self.algorithm = None
-        self._original_step: Optional[Callable] = None
-        self._finished_at = 0
+        self._stepped = False  # did the engine take a PALSGD step since the last finish_step()?
         self._broadcast_initial(comm)
 
     # ------------------------------------------------------------------ the adapter contract
@@ -120,8 +120,6 @@ class DeepSpeedAdapter:
         if comm.size == 1:
             return
         grads = self._reduced_gradients()
-        if not grads:
-            return
         # fp32 on the wire: the warm-up is short, and bf16 sums over many ranks lose bits.
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         comm.all_reduce_mean(flat)
@@ -132,7 +130,7 @@ class DeepSpeedAdapter:
 
     # ------------------------------------------------------------------ binding to the engine
     def bind(self, algorithm) -> None:
-        """Route ``engine.step()`` through ``algorithm`` and give checkpoints a per-replica layout."""
+        """Route ``engine.step()`` through ``algorithm``; checkpoints then carry its state (per replica)."""
         if self.algorithm is not None:
             raise RuntimeError("this DeepSpeed engine is already bound to a PALSGD algorithm; bind it once.")
         if algorithm.adapter is not self:
@@ -140,23 +138,20 @@ class DeepSpeedAdapter:
         self.algorithm = algorithm
         zero = self.zero
         original = zero.step  # the bound method of ZeRO's class
-        self._original_step = original
 
         def palsgd_step(closure=None):
             # Called by engine._take_model_step at an accumulation boundary; the engine then zeroes
             # gradients, steps its LR scheduler and counts the step, whatever kind it was.
             kind = algorithm.optimizer_step(lambda: original(closure))
+            self._stepped = True
             if kind.value == "pseudo_sync":
                 zero.overflow = False  # no inner step ran: nothing overflowed, let the LR schedule advance
 
         zero.step = palsgd_step  # instance attribute: shadows the class method for this engine only
-        engine = self.engine
-        self._original_save = engine.save_checkpoint
-        self._original_load = engine.load_checkpoint
-        engine.save_checkpoint = self.save_checkpoint
-        engine.load_checkpoint = self.load_checkpoint
-        engine.palsgd = algorithm
-        self._finished_at = algorithm.step
+        self.engine.palsgd = algorithm
+        # Checkpoints: per-replica layout (installed at engine creation by replica_sharding, else now),
+        # now including this algorithm's state; a state loaded before binding is applied here.
+        deepspeed_checkpoint.install(self.engine, algorithm.replica_index).attach(algorithm)
 
     def finish_step(self) -> None:
         """Once per optimizer step, after its compute (if any), in loops that step the engine inside
@@ -165,7 +160,7 @@ class DeepSpeedAdapter:
         """
         if self.algorithm is None:
             raise RuntimeError("call bind(algorithm) before stepping.")
-        if self.algorithm.step == self._finished_at:
+        if not self._stepped:
             engine = self.engine
             if engine.managed_gradient_accumulation():
                 # Force a boundary for this one call (accelerate sets it before every backward anyway);
@@ -178,66 +173,7 @@ class DeepSpeedAdapter:
                     engine._is_gradient_accumulation_boundary = saved
             else:
                 engine.step()
-        self._finished_at = self.algorithm.step
-
-    # ------------------------------------------------------------------ checkpoints
-    def _replica_dir(self, save_dir: str) -> str:
-        return os.path.join(save_dir, f"replica_{self.algorithm.replica_index}")
-
-    def _state_file(self, save_dir: str, tag: str) -> str:
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        return os.path.join(save_dir, str(tag), PALSGD_STATE_DIR, f"rank_{rank}.pt")
-
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
-        """``engine.save_checkpoint`` with one DeepSpeed directory per replica and the PALSGD state."""
-        tag = str(tag) if tag is not None else f"global_step{self.engine.global_steps}"
-        ok = self._original_save(
-            self._replica_dir(save_dir), tag=tag, client_state=client_state or {}, save_latest=save_latest, **kwargs
-        )
-        path = self._state_file(save_dir, tag)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save({"algorithm": self.algorithm.state_dict(), "world_size": _world_size()}, path)
-        if save_latest and _rank() == 0:
-            with open(os.path.join(save_dir, "latest"), "w") as fd:
-                fd.write(tag)
-        _barrier()
-        return ok
-
-    def load_checkpoint(self, load_dir, tag=None, **kwargs):
-        """``engine.load_checkpoint`` for a directory written by :meth:`save_checkpoint`."""
-        if tag is None:
-            latest = os.path.join(load_dir, "latest")
-            if not os.path.isfile(latest):
-                logger.warning("No 'latest' file in %s: nothing to resume (pass tag= to choose one).", load_dir)
-                return None, None
-            with open(latest) as fd:
-                tag = fd.read().strip()
-        tag = str(tag)
-        replica_dir = self._replica_dir(load_dir)
-        if not os.path.isdir(os.path.join(replica_dir, tag)):
-            raise FileNotFoundError(
-                f"{os.path.join(replica_dir, tag)} is missing: a PALSGD DeepSpeed checkpoint keeps one directory per "
-                "replica; resume with the same number of processes and shard_size, from the directory that "
-                "engine.save_checkpoint wrote."
-            )
-        load_path, client_state = self._original_load(replica_dir, tag=tag, **kwargs)
-        if load_path is None:
-            return load_path, client_state
-        path = self._state_file(load_dir, tag)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: the PALSGD state of this rank was not saved with the checkpoint.")
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        if saved.get("world_size") != _world_size():
-            raise ValueError(
-                f"the checkpoint in {load_dir} was written by {saved.get('world_size')} processes but this run has "
-                f"{_world_size()}; PALSGD keeps one model copy per replica, so resume with the same number of processes."
-            )
-        self._zero_stage3_padding()  # checkpoints written before this adapter existed may hold garbage there
-        self.after_write()
-        self.algorithm.load_state_dict(saved["algorithm"])
-        self._finished_at = self.algorithm.step
-        logger.info("Resumed PALSGD + DeepSpeed from %s (tag %s, PALSGD step %d)", load_dir, tag, self.algorithm.step)
-        return load_path, client_state
+        self._stepped = False
 
     # ------------------------------------------------------------------ internals
     def _reduced_gradients(self) -> list[torch.Tensor]:
@@ -363,62 +299,28 @@ def initialize(*, model, config, ds_config: dict[str, Any], optimizer=None, comm
     """
     import deepspeed
 
-    from .deepspeed_groups import fit_batch_size, replica_mpu
+    from .deepspeed_groups import replica_sharding
 
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed()
-    mpu = replica_mpu(config.shard_size, comm_timeout)
-    engine, opt, loader, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=fit_batch_size(ds_config, mpu), mpu=mpu, **kwargs
-    )
+    with replica_sharding(config.shard_size, comm_timeout):
+        engine, opt, loader, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, **kwargs)
     return engine, opt, loader, scheduler, attach(engine, config, comm_timeout=comm_timeout)
 
 
-@contextlib.contextmanager
-def replica_sharding(shard_size: int, comm_timeout: Optional[timedelta] = None) -> Iterator[None]:
-    """Make every ``deepspeed.initialize`` inside the block shard ZeRO within a replica.
+class DeepSpeedStepOptimizer(PALSGDOptimizer):
+    """The optimizer a loop steps once per optimizer step when the engine steps inside ``backward``.
 
-    For code that calls ``deepspeed.initialize`` itself (accelerate's ``prepare``, hence the HF
-    Trainer): the call gets ``mpu=replica_mpu(shard_size)`` and a ``train_batch_size`` counted over
-    the replica. Afterwards call :func:`attach` on the engine.
+    accelerate (hence the HF Trainer) runs ``engine.step()`` inside ``accelerator.backward`` and
+    makes the optimizer's ``step()`` a no-op. Then a pseudo-sync step, which has no backward, would
+    never step; this ``step()`` takes it (:meth:`DeepSpeedAdapter.finish_step`). Not for loops that
+    call ``engine.step()`` themselves.
     """
-    import deepspeed
 
-    from .deepspeed_groups import fit_batch_size, replica_mpu
-
-    original = deepspeed.initialize
-
-    def initialize_in_replica(*args, **kw):
-        if kw.get("mpu") is None:
-            mpu = replica_mpu(shard_size, comm_timeout)
-            kw["mpu"] = mpu
-            for key in ("config", "config_params"):
-                if isinstance(kw.get(key), dict):
-                    kw[key] = fit_batch_size(kw[key], mpu)
-            _check_not_zero_init_over_world(kw.get("model"), mpu)
-        return original(*args, **kw)
-
-    deepspeed.initialize = initialize_in_replica
-    try:
-        yield
-    finally:
-        deepspeed.initialize = original
-
-
-def _check_not_zero_init_over_world(model, mpu) -> None:
-    """ZeRO-3 models created under ``zero.Init`` are already partitioned, over whatever group it had."""
-    if model is None or mpu.topology.num_replicas == 1:
-        return
-    for p in model.parameters():
-        group = getattr(p, "ds_process_group", None)
-        if group is not None and torch.distributed.get_world_size(group) != mpu.topology.shard_size:
-            raise ValueError(
-                f"the model's parameters were partitioned by deepspeed.zero.Init over {torch.distributed.get_world_size(group)} "
-                f"ranks, but PALSGD shards each replica over {mpu.topology.shard_size}. Build the model before creating "
-                "the TrainingArguments / HfDeepSpeedConfig (so zero.Init is not used), or pass "
-                "data_parallel_group=replica_mpu(shard_size).get_data_parallel_group() to zero.Init."
-            )
-        return
+    def step(self, closure=None):
+        self.algorithm.adapter.finish_step()
+        self.optimizer._opt_called = True  # an LR scheduler bound to the wrapped optimizer saw a step
+        return None
 
 
 def _check_deepspeed_version() -> None:
@@ -437,12 +339,3 @@ def _check_deepspeed_version() -> None:
 
 def _world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()

@@ -13,14 +13,19 @@ feed both DeepSpeed (through the mpu) and the PALSGD communicators.
 DeepSpeed also checks ``train_batch_size == micro_batch * grad_accum * dp_world_size``, where the
 data-parallel size is now S rather than the world size; :func:`fit_batch_size` rewrites a config
 whose batch size was filled in for the whole world (HF Trainer and accelerate do that).
+
+Code that calls ``deepspeed.initialize`` itself (accelerate's ``prepare``, hence the HF Trainer)
+runs inside :func:`replica_sharding`, which supplies the mpu, the batch size and the per-replica
+checkpoint layout (:mod:`.deepspeed_checkpoint`) to every engine created in the block.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch.distributed as dist
 
@@ -144,3 +149,52 @@ def fit_batch_size(ds_config: dict[str, Any], mpu: ReplicaMPU) -> dict[str, Any]
             "ZeRO's data-parallel group is one replica: set train_batch_size to 'auto' or leave it out."
         )
     return config
+
+
+@contextlib.contextmanager
+def replica_sharding(shard_size: int, comm_timeout: Optional[timedelta] = None) -> Iterator[None]:
+    """Make every ``deepspeed.initialize`` call inside the block shard ZeRO within one replica.
+
+    The call gets ``mpu=replica_mpu(shard_size)`` (unless it passes its own), a ``train_batch_size``
+    counted over the replica, and its engine the per-replica checkpoint layout. Attach PALSGD to
+    the engine afterwards (``palsgd_hf.adapters.deepspeed.attach``).
+    """
+    import deepspeed
+
+    from . import deepspeed_checkpoint
+
+    original = deepspeed.initialize
+    mpu = replica_mpu(shard_size, comm_timeout)
+
+    def initialize_in_replica(*args, **kwargs):
+        if kwargs.get("mpu") is None:
+            kwargs["mpu"] = mpu
+            for key in ("config", "config_params"):
+                if isinstance(kwargs.get(key), dict):
+                    kwargs[key] = fit_batch_size(kwargs[key], mpu)
+            _check_not_partitioned_over_world(kwargs.get("model"), mpu)
+        result = original(*args, **kwargs)
+        deepspeed_checkpoint.install(result[0], mpu.topology.replica_index)
+        return result
+
+    deepspeed.initialize = initialize_in_replica
+    try:
+        yield
+    finally:
+        deepspeed.initialize = original
+
+
+def _check_not_partitioned_over_world(model, mpu: ReplicaMPU) -> None:
+    """A model built under ``deepspeed.zero.Init`` is already partitioned, over zero.Init's group."""
+    if model is None:
+        return
+    for p in model.parameters():
+        group = getattr(p, "ds_process_group", None)
+        if group is not None and dist.get_world_size(group) != mpu.topology.shard_size:
+            raise PALSGDConfigError(
+                f"the model's parameters were partitioned by deepspeed.zero.Init over {dist.get_world_size(group)} "
+                f"ranks, but PALSGD shards each replica over shard_size={mpu.topology.shard_size}. Build the model "
+                "before creating the TrainingArguments / HfDeepSpeedConfig (then zero.Init is not used), or pass "
+                "data_parallel_group=replica_mpu(shard_size).get_data_parallel_group() to zero.Init."
+            )
+        return
