@@ -39,8 +39,9 @@ def _fmt(value: Optional[float], spec: str = ".3g", suffix: str = "") -> str:
 def add_summaries(bench: dict[str, Any]) -> dict[str, Any]:
     """Fill ``summary`` and ``targets`` of every link in place; return ``bench``."""
     H = bench["settings"]["sync_interval"]
-    for link in bench["links"].values():
-        link["summary"] = summarize_link(link["runs"])
+    base = bench["links"].get("unshaped", {}).get("runs")
+    for label, link in bench["links"].items():
+        link["summary"] = summarize_link(link["runs"], base if label != "unshaped" else None)
         link["targets"] = check_targets(link["summary"], H)
     return bench
 
@@ -50,8 +51,8 @@ def markdown_table(bench: dict[str, Any]) -> str:
     s = bench["settings"]
     lines = [
         "| link | method | steps | train s | s/step | time to target s | ×DDP | ×DiLoCo | final eval loss "
-        "| loss at DDP's tokens | vs DDP | MB sent/step | ×DDP bytes (local phase) | comm s blocked |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| loss at DDP's tokens | vs DDP | MB sent/step | ×DDP bytes (local phase) | comm s blocked | s/step added by the link |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, link in bench["links"].items():
         probe = (link.get("probe") or {}).get("fit")
@@ -65,14 +66,18 @@ def markdown_table(bench: dict[str, Any]) -> str:
                 f"{r['final_eval_loss']:.4f} | {_fmt(r['eval_loss_at_ddp_tokens'], '.4f')} | "
                 f"{_fmt(None if r['loss_gap_vs_ddp'] is None else 100 * r['loss_gap_vs_ddp'], '+.2f', '%')} | "
                 f"{r['bytes_per_step'] / 1e6:.3f} | {_fmt(r['bytes_per_step_vs_ddp'], '.4f')} "
-                f"({_fmt(r['local_bytes_per_step_vs_ddp'], '.4f')}) | {r['comm_seconds']:.1f} |"
+                f"({_fmt(r['local_bytes_per_step_vs_ddp'], '.4f')}) | "
+                f"{'in backward' if m == 'ddp' else format(r['comm_seconds'], '.1f')} | "
+                f"{_fmt(r['extra_seconds_per_step'], '+.3f')} |"
             )
     lines.append("")
     lines.append(
         f"Target = DDP's final eval loss on the same link after {s['steps']} steps; local methods may run up to "
         f"{s['local_step_factor']:g}× as many steps and stop once at target (and past DDP's step count). "
         "Times are training wall time, evaluation excluded. Bytes: payload this rank (rank 0) sent in "
-        "collectives, counted by the communicator; '(local phase)' excludes the synchronous warm-up steps."
+        "collectives, counted by the communicator; '(local phase)' excludes the synchronous warm-up steps. "
+        "'comm s blocked': time blocked in PALSGD's own collectives (DDP's all-reduce runs inside backward and "
+        "is not timed there); 's/step added by the link': seconds per step minus the same method's unshaped run."
     )
     for label, link in bench["links"].items():
         targets = link.get("targets") or {}

@@ -45,8 +45,14 @@ def _local_bytes_per_step(run: dict) -> Optional[float]:
     return (run["comm_bytes"] - start["comm_bytes"]) / (run["steps"] - start["step"])
 
 
-def summarize_link(runs: dict[str, dict]) -> dict[str, dict[str, Any]]:
-    """Per method: the comparison against DDP (and DiLoCo) on one link."""
+def summarize_link(runs: dict[str, dict], unshaped: Optional[dict[str, dict]] = None) -> dict[str, dict[str, Any]]:
+    """Per method: the comparison against DDP (and DiLoCo) on one link.
+
+    With ``unshaped`` (the same methods' runs without shaping), ``extra_seconds_per_step`` is the
+    time per step the link added: communication that was not hidden behind compute. It is the one
+    measure of blocked time that also covers DDP, whose all-reduce runs inside backward where the
+    communicator's ``comm_seconds`` cannot see it.
+    """
     if "ddp" not in runs:
         raise ValueError(f"no DDP run among {sorted(runs)}: DDP's final eval loss is the target.")
     ddp = runs["ddp"]
@@ -75,7 +81,12 @@ def summarize_link(runs: dict[str, dict]) -> dict[str, dict[str, Any]]:
             "bytes_per_step_vs_ddp": _ratio(bytes_per_step, ddp_bytes_per_step),
             "local_bytes_per_step_vs_ddp": _ratio(_local_bytes_per_step(run), ddp_bytes_per_step),
             "comm_fraction": _ratio(run["comm_seconds"], run["train_seconds"]),
+            "extra_seconds_per_step": None,
         }
+        base = (unshaped or {}).get(method)
+        if base is not None and base is not run:
+            out[method]["extra_seconds_per_step"] = (
+                out[method]["seconds_per_step"] - base["train_seconds"] / max(base["steps"], 1))
     ddp_time = out["ddp"]["time_to_target"]
     diloco_time = out.get("diloco", {}).get("time_to_target")
     for row in out.values():
