@@ -69,7 +69,7 @@ def load_rank_state(checkpoint_dir: str | os.PathLike, rank: int, world_size: in
             "its rank wrote: resume with the same number of processes, from a checkpoint written by a PALSGD "
             "trainer (not with save_only_model=True)."
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # data only: no code runs on load
     if state.get("format") != FORMAT:
         raise ValueError(f"{path} has PALSGD checkpoint format {state.get('format')!r}; this version reads {FORMAT}.")
     if state["world_size"] != world_size or state["rank"] != rank:

@@ -51,24 +51,9 @@ class PALSGDTrainerMixin:
     """PALSGD for a ``transformers.Trainer`` subclass; put it first in the bases (see module doc)."""
 
     def __init__(self, *args: Any, palsgd_config: Optional[PALSGDConfig] = None, **kwargs: Any):
+        _check_hooks(type(self))
         super().__init__(*args, **kwargs)
-        if isinstance(self.args, PALSGDTrainingArguments):
-            if palsgd_config is not None:
-                raise ValueError(
-                    "got both PALSGDTrainingArguments and palsgd_config: pass the settings once, either as the "
-                    "arguments' palsgd_* fields or as palsgd_config with plain TrainingArguments."
-                )
-            palsgd_config = self.args.palsgd_config()
-        elif palsgd_config is None:
-            raise ValueError(
-                f"{type(self).__name__} needs PALSGD settings: pass args=PALSGDTrainingArguments(...) or "
-                "palsgd_config=PALSGDConfig(...)."
-            )
-        else:
-            check_trainer_options(self.args)
-            check_training_args(palsgd_config, self.args)
-            check_world(palsgd_config, self.args.world_size)
-        self.palsgd_config = palsgd_config
+        self.palsgd_config = resolve_palsgd_config(self.args, palsgd_config)
         self.palsgd: Optional[PALSGD] = None
         self._palsgd_computed_at_log = 0
 
@@ -250,6 +235,51 @@ class PALSGDTrainerMixin:
         # Between syncs this writes the anchor (the last global model), never one worker's drifted copy.
         with self._palsgd_global_weights():
             super().save_model(output_dir, _internal_call)
+
+
+def resolve_palsgd_config(args: Any, palsgd_config: Optional[PALSGDConfig]) -> PALSGDConfig:
+    """The PALSGD settings of a trainer: from PALSGDTrainingArguments or from palsgd_config, never both."""
+    if isinstance(args, PALSGDTrainingArguments):
+        if palsgd_config is not None:
+            raise ValueError(
+                "got both PALSGDTrainingArguments and palsgd_config: pass the settings once, either as the "
+                "arguments' palsgd_* fields or as palsgd_config with plain TrainingArguments."
+            )
+        return args.palsgd_config()  # validated against the other arguments in its __post_init__
+    if palsgd_config is None:
+        raise ValueError(
+            "PALSGD settings are missing: pass args=PALSGDTrainingArguments(...) or palsgd_config=PALSGDConfig(...)."
+        )
+    if not isinstance(palsgd_config, PALSGDConfig):
+        raise TypeError(f"palsgd_config must be a PALSGDConfig, got {type(palsgd_config).__name__}.")
+    check_trainer_options(args)
+    check_training_args(palsgd_config, args)
+    check_world(palsgd_config, args.world_size)
+    return palsgd_config
+
+
+# Private Trainer methods this mixin overrides. Were one renamed in a future transformers release, the
+# override would silently never run (and the run would be plain DDP, or worse): refuse that instead.
+_HOOKS = (
+    "_prepare_for_training", "get_batch_samples", "_get_num_items_in_batch", "training_step", "_clip_grad_norm",
+    "_get_grad_norm", "_maybe_log_save_evaluate", "_finalize_training", "_save_optimizer_and_scheduler",
+    "evaluation_loop", "save_model", "log", "floating_point_ops",
+)
+
+
+def _check_hooks(cls: type) -> None:
+    base = next((b for b in cls.__mro__ if b is not PALSGDTrainerMixin and issubclass(b, Trainer)
+                 and not issubclass(b, PALSGDTrainerMixin)), None)
+    if base is None:
+        raise TypeError(f"{cls.__name__}: PALSGDTrainerMixin must be combined with a transformers.Trainer subclass.")
+    missing = [name for name in _HOOKS if not hasattr(base, name)]
+    if missing:
+        import transformers
+
+        raise RuntimeError(
+            f"PALSGDTrainer relies on Trainer methods {missing}, which transformers {transformers.__version__} does "
+            "not have; install a transformers version this package supports (see pyproject.toml)."
+        )
 
 
 class PALSGDTrainer(PALSGDTrainerMixin, Trainer):

@@ -37,7 +37,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--H", type=int, default=8)
     ap.add_argument("--p", type=float, default=0.25)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--lr", type=float, default=0.003)
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--ga", type=int, default=1)
     ap.add_argument("--eval-steps", type=int, default=0)
@@ -48,6 +48,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--sequential", action="store_true", help="train_sampling_strategy='sequential'")
     ap.add_argument("--regroup-from-ga", type=int, default=1,
                     help="reorder the data so each rank's batch of ga*bs holds what it would read as ga micro-batches of bs")
+    ap.add_argument("--fp64", action="store_true", help="train in float64 (equivalence checks without fp32 noise)")
     ap.add_argument("--mixin", action="store_true", help="PALSGDTrainerMixin on a Trainer subclass, plain TrainingArguments")
     return ap.parse_args()
 
@@ -170,6 +171,8 @@ def main() -> None:
     rank, world = training_args.process_index, training_args.world_size
     tokenizer, train, val = datasets(args, training_args)
     model = build_causal_lm(tokenizer=tokenizer, seed=0)
+    if args.fp64:
+        model = model.double()
     recorder = Recorder(args, out, rank)
     trainer = cls(model=model, args=training_args, train_dataset=train, eval_dataset=val, callbacks=[recorder], **extra)
     trainer.micro_batches = []

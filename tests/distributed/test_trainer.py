@@ -1,0 +1,179 @@
+"""PALSGDTrainer in real 2-process Trainer runs (torchrun, gloo, DDP): tiny GPT-Neo on Shakespeare.
+
+One uninterrupted run (module fixture) is checked for the global model, the schedule, the
+absence of collectives between syncs, the logged loss and evaluation; an interrupted run resumed
+from a checkpoint between two syncs must reproduce it exactly. Two more runs check gradient
+accumulation against a larger batch (also covering palsgd_eval_on='local' and the mixin form).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from palsgd_hf.core.algorithm import coin_seed
+from tests.helpers.launch import torchrun
+
+pytestmark = pytest.mark.timeout(600)
+
+# The uninterrupted run: syncs after steps 8, 16, ..., 40 and a final one at 44; evaluations at 20
+# (between the syncs at 16 and 24) and 40; the resumed run is interrupted at 30 (between 24 and 32).
+STEPS, H, WARMUP, P, EVAL_AT, CRASH_AT = 44, 8, 4, 0.25, 20, 30
+RUN = ["--steps", str(STEPS), "--H", str(H), "--warmup", str(WARMUP), "--p", str(P), "--eval-steps", str(EVAL_AT)]
+
+
+def launch(out, *args):
+    results = torchrun("trainer_run.py", 2, out, "--run-dir", str(out / "run"), *args, timeout=300)
+    tensors = [torch.load(out / f"rank{r}.pt") for r in range(2)] if (out / "rank0.pt").exists() else None
+    return results, tensors
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    results, tensors = launch(out, *RUN)
+    return out, results, tensors
+
+
+def kinds(result):
+    return [s["kind"] for s in result["steps"]]
+
+
+def is_sync(step):
+    return step > WARMUP and step % H == 0
+
+
+def test_final_model_is_global_identical_on_all_ranks_and_saved(uninterrupted):
+    _, results, tensors = uninterrupted
+    assert torch.equal(tensors[0]["final"], tensors[1]["final"])
+    # Before the final sync the replicas held different weights: the sync is what made them equal.
+    assert not torch.allclose(tensors[0]["local_last"], tensors[1]["local_last"])
+    for r in results:
+        assert r["saved_missing"] == [] and r["saved_max_diff"] == 0.0  # save_model wrote exactly these weights
+
+
+def test_step_kinds_and_counters_follow_the_schedule(uninterrupted):
+    out, results, _ = uninterrupted
+    for rank, r in enumerate(results):
+        # One coin per optimizer step after warm-up, from replica `rank`'s own generator.
+        gen = torch.Generator().manual_seed(coin_seed(0, rank))
+        expected = ["warmup"] * WARMUP + [
+            "pseudo_sync" if torch.rand((), generator=gen).item() < P else "gradient" for _ in range(STEPS - WARMUP)
+        ]
+        assert kinds(r) == expected
+        m = r["metrics"]
+        syncs = sum(is_sync(s) for s in range(1, STEPS + 1)) + (STEPS % H != 0)  # + the final sync
+        assert (m["warmup_steps"], m["outer_syncs"], m["skipped_syncs"]) == (WARMUP, syncs, 0)
+        assert m["pseudo_syncs"] == kinds(r).count("pseudo_sync") and m["gradient_steps"] == kinds(r).count("gradient")
+    assert kinds(results[0]) != kinds(results[1])  # replicas flip their own coins
+    # The fraction is a binomial sample of 80 coins: allow 4 standard deviations (this seed gives 0.4, 3.1 sd).
+    draws = 2 * (STEPS - WARMUP)
+    pseudo = sum(kinds(r).count("pseudo_sync") for r in results) / draws
+    assert abs(pseudo - P) < 4 * (P * (1 - P) / draws) ** 0.5, f"pseudo-sync fraction {pseudo} far from p={P}"
+    # The palsgd/* metrics are in the Trainer's own log history and in trainer_state.json.
+    logged = [e for e in results[0]["log_history"] if "loss" in e]
+    assert {"palsgd/outer_syncs", "palsgd/pseudo_syncs", "palsgd/comm_bytes", "palsgd/drift",
+            "palsgd/mixing_coefficient"} <= set(logged[-1])
+    for e in logged:
+        done = sum(is_sync(s) for s in range(1, e["step"] + 1)) + (e["step"] == STEPS and STEPS % H != 0)
+        assert e["palsgd/outer_syncs"] == done
+    state = json.loads((out / "run" / "trainer_state.json").read_text())
+    assert any("palsgd/outer_syncs" in e for e in state["log_history"])
+
+
+def test_no_collectives_between_syncs_after_warmup(uninterrupted):
+    _, results, tensors = uninterrupted
+    numel = results[0]["numel"]
+    for r in results:
+        for s in r["steps"]:
+            names = s["collectives"]
+            if s["kind"] == "warmup":
+                assert "gloo:all_reduce" in names, f"no gradient all-reduce in warm-up step {s['step']}"
+            elif is_sync(s["step"]):
+                assert names == ["gloo:all_reduce"], f"sync step {s['step']}: {names}"
+            else:
+                assert names == [], f"local step {s['step']} communicated: {names}"
+        # The byte counter agrees: after the first local step only syncs add bytes, one fp32 model each.
+        logged = {e["step"]: e["palsgd/comm_bytes"] for e in r["log_history"] if "palsgd/comm_bytes" in e}
+        steps = sorted(s for s in logged if s > WARMUP + 1)
+        for a, b in zip(steps, steps[1:]):
+            syncs = sum(is_sync(s) or s == STEPS for s in range(a + 1, b + 1))
+            assert logged[b] - logged[a] == 4 * numel * syncs, f"bytes between steps {a} and {b}"
+
+
+def test_logged_loss_is_the_mean_over_computed_micro_batches(uninterrupted):
+    _, results, _ = uninterrupted
+    for r in results:
+        for mb in r["micro_batches"]:
+            if mb["kind"] == "pseudo_sync":
+                assert "reference" not in mb  # skipped: no forward at all
+            else:  # the loss a local step trained on is the model's own mean loss on its batch (not x world)
+                assert mb["returned"] == pytest.approx(mb["reference"], rel=1e-5)
+    logged = [(e["step"], e["loss"]) for e in results[0]["log_history"] if "loss" in e]
+    assert logged != [] and logged[-1][0] == STEPS
+    previous = 0
+    for step, loss in logged:
+        computed = [mb["returned"] for r in results for mb in r["micro_batches"]
+                    if previous < mb["step"] <= step and mb["kind"] != "pseudo_sync"]
+        assert computed, f"a loss was logged at step {step} without any computed batch"
+        assert loss == pytest.approx(sum(computed) / len(computed), rel=1e-5)
+        previous = step
+
+
+def test_evaluation_scores_the_anchor(uninterrupted):
+    _, results, _ = uninterrupted
+    for r in results:
+        logged = next(e["eval_loss"] for e in r["log_history"] if "eval_loss" in e and e["step"] == EVAL_AT)
+        # Re-scored after training: the weights of the last sync before the evaluation, and the local ones.
+        anchor, local = r["post_eval"]["anchor_at_eval"], r["post_eval"]["local_at_eval"]
+        assert abs(anchor - local) > 1e-4  # the two models differ, so the check below can fail
+        assert logged == pytest.approx(anchor, abs=1e-6)
+
+
+def test_resume_between_syncs_continues_the_same_trajectory(uninterrupted, tmp_path):
+    _, full, full_tensors = uninterrupted
+    window = range(CRASH_AT - (CRASH_AT % H) + 1, CRASH_AT + 1)
+    assert any(kinds(r)[s - 1] == "gradient" for r in full for s in window), "replicas identical at the interruption"
+    run = ["--run-dir", str(tmp_path / "run"), *RUN, "--save-steps", str(CRASH_AT)]
+    crashed = torchrun("trainer_run.py", 2, tmp_path / "first", *run, "--crash-at", str(CRASH_AT), timeout=300)
+    assert [c["crashed_at"] for c in crashed] == [CRASH_AT, CRASH_AT]
+    ckpt = tmp_path / "run" / f"checkpoint-{CRASH_AT}"
+    assert (ckpt / "palsgd_rank0.pt").is_file() and (ckpt / "palsgd_rank1.pt").is_file()
+    resumed = torchrun("trainer_run.py", 2, tmp_path / "second", *run, "--resume", str(ckpt), timeout=300)
+    for rank in range(2):
+        t = torch.load(tmp_path / "second" / f"rank{rank}.pt")
+        torch.testing.assert_close(t["local_last"], full_tensors[rank]["local_last"], rtol=0, atol=1e-6)
+        torch.testing.assert_close(t["final"], full_tensors[rank]["final"], rtol=0, atol=1e-6)
+        assert kinds(resumed[rank]) == kinds(full[rank])[CRASH_AT:]
+        assert resumed[rank]["metrics"]["outer_syncs"] == full[rank]["metrics"]["outer_syncs"]
+
+
+@pytest.fixture(scope="module")
+def accumulation_runs(tmp_path_factory):
+    """Accumulation 2 x batch 2 vs accumulation 1 x batch 4, each rank reading the same examples per step."""
+    common = ["--steps", "24", "--H", "6", "--warmup", "4", "--eval-steps", "15", "--sequential"]
+    out = tmp_path_factory.mktemp("accumulation")
+    two = launch(out / "ga2", *common, "--ga", "2", "--bs", "2", "--eval-on", "local")
+    # The larger-batch run goes through the mixin form: plain TrainingArguments + palsgd_config=.
+    one = launch(out / "ga1", *common, "--ga", "1", "--bs", "4", "--regroup-from-ga", "2", "--mixin")
+    return two, one
+
+
+def test_gradient_accumulation_matches_a_larger_batch(accumulation_runs):
+    (two, two_t), (one, one_t) = accumulation_runs
+    for rank in range(2):
+        assert kinds(two[rank]) == kinds(one[rank])  # one coin per optimizer step, not per micro-batch
+        assert len(two[rank]["micro_batches"]) == 2 * len(one[rank]["micro_batches"])
+        torch.testing.assert_close(two_t[rank]["local_last"], one_t[rank]["local_last"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(two_t[rank]["final"], one_t[rank]["final"], rtol=0, atol=1e-5)
+    assert "gradient" in kinds(two[0]) and "pseudo_sync" in kinds(two[0])
+
+
+def test_eval_on_local_scores_each_workers_own_model(accumulation_runs):
+    (two, _), (one, _) = accumulation_runs
+    for r, expected in ((two[0], "local_at_eval"), (one[0], "anchor_at_eval")):
+        logged = next(e["eval_loss"] for e in r["log_history"] if "eval_loss" in e and e["step"] == 15)
+        assert abs(r["post_eval"]["anchor_at_eval"] - r["post_eval"]["local_at_eval"]) > 1e-4
+        assert logged == pytest.approx(r["post_eval"][expected], abs=1e-6)
