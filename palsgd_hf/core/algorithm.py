@@ -14,6 +14,17 @@ Phases of one optimizer step t (t counts every step, of all kinds, from 0):
    delta = mean over replicas of (x_bar - x)   (one all-reduce over the peer group)
    x_bar <- outer_optimizer_step(x_bar, grad=delta);  x <- x_bar.
    The inner optimizer's state is kept.
+   With ``comm_dtype='bf16'`` delta is rounded to bf16 for the wire and summed in fp32
+   (:class:`~palsgd_hf.core.comm.MeanExchange`): half the bytes.
+4. Overlapped sync (``overlap_steps`` = d >= 1, see :mod:`palsgd_hf.core.overlap`): at the sync
+   the average is only launched and x_launch = x kept; the workers take d more local steps
+   (pulls aim at the old anchor), then the outer step lands and
+   x <- x_bar_new + (x - x_launch): each worker keeps the progress made while waiting. A
+   non-finite average skips the outer step and sends every worker back to the old anchor.
+   finalize() applies an update in flight, then runs one last blocking sync; global_weights()
+   during the wait gives the old anchor (the latest complete global model); state_dict() waits
+   for the collective in flight and saves the exchange so that a resumed run applies it at the
+   same step.
 
 The anchor x_bar is created when the first local step starts (workers are made identical then by
 a broadcast from replica 0) and is refreshed only at global syncs: it is deliberately stale.
@@ -36,8 +47,9 @@ import torch
 
 from ..config import PALSGDConfig
 from .adapter import OwnedGroup, ParamAdapter
-from .comm import Communicator, LocalCommunicator
+from .comm import WIRE_DTYPES, Communicator, LocalCommunicator
 from .outer import Anchor
+from .overlap import PendingSync
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +103,9 @@ class PALSGD:
         self._generator = torch.Generator().manual_seed(coin_seed(config.seed, replica_index))
         self._kind: Optional[StepKind] = None
         self._anchor: Optional[Anchor] = None
-        self._since_sync = 0
+        self._since_sync = 0  # local steps since the workers last left the anchor (a sync or its launch)
+        self._pending: Optional[PendingSync] = None  # an overlapped sync in flight
+        self.sync_seconds_blocked = 0.0  # time blocked in pseudo-gradient exchanges only
         self._grad_sync: Optional[bool] = None
 
     # ------------------------------------------------------------------ the step
@@ -129,15 +143,25 @@ class PALSGD:
         self._kind = None
         if kind is not StepKind.WARMUP:
             self._since_sync += 1
+            if self._pending is not None:
+                self._pending.on_step(self.step)
+                if self.step >= self._pending.apply_step:
+                    self._apply_pending()
             if self.step % self.config.sync_interval == 0:
-                self.sync()
+                if self.config.overlap_steps > 0:
+                    self._launch_sync()
+                else:
+                    self.sync()
         return kind
 
     def finalize(self) -> None:
-        """End of training: a last global sync if workers moved since the previous one.
+        """End of training: apply an overlapped sync in flight, then a last (blocking) global sync if
+        workers moved since the previous one.
 
         Afterwards every worker holds the global model. Collective: every rank must call it.
         """
+        if self._pending is not None:
+            self._apply_pending()
         if self._anchor is not None and self._since_sync > 0:
             self.sync()
 
@@ -187,30 +211,69 @@ class PALSGD:
                 g["lr"] = lr
 
     def sync(self) -> None:
-        """Global sync: average pseudo-gradients, one outer step, every worker takes the anchor."""
+        """Global sync: average pseudo-gradients, one outer step, every worker takes the anchor.
+
+        Blocking. An overlapped sync still in flight is applied first.
+        """
+        if self._pending is not None:
+            self._apply_pending()
         tensors = self._owned_tensors()
-        num, den = self._anchor.drift(tensors)
-        self.last_drift = math.sqrt(num / den) if den > 0 else 0.0
-        wire = torch.bfloat16 if self.config.comm_dtype == "bf16" else None
-        flat = self.peers.all_reduce_mean(self._anchor.pseudo_gradient(tensors, wire))
+        exchange = self._exchange_pseudo_gradient(tensors)
+        flat = exchange.wait()
+        self.sync_seconds_blocked += exchange.seconds_blocked
         if self._all_finite(flat):
             self._anchor.outer_step(flat)
             self.counters["outer_syncs"] += 1
         else:
-            # Every peer saw the same averaged NaN/inf, so all skip together: no extra round.
-            self.counters["skipped_syncs"] += 1
-            # The worker that diverged has non-finite inner-optimizer moments too; without this,
-            # its next step would turn the restored weights non-finite again.
-            reset = getattr(self.adapter, "reset_nonfinite_state", None)
-            if reset is not None:
-                reset()
-            logger.warning(
-                "PALSGD step %d: non-finite pseudo-gradient; outer update skipped, workers return to the last "
-                "good anchor (skipped_syncs=%d)", self.step, self.counters["skipped_syncs"],
-            )
+            self._skip_sync()
         self._anchor.write_to(tensors)
         self.adapter.after_write()
         self._since_sync = 0
+
+    def _exchange_pseudo_gradient(self, tensors: list[torch.Tensor]):
+        """Record the drift and start averaging delta = x_bar - x over the peers."""
+        num, den = self._anchor.drift(tensors)
+        self.last_drift = math.sqrt(num / den) if den > 0 else 0.0
+        wire = WIRE_DTYPES[self.config.comm_dtype]
+        return self.peers.mean_exchange_async(self._anchor.pseudo_gradient(tensors), wire)
+
+    def _launch_sync(self) -> None:
+        """The first half of an overlapped sync: start the average, remember x_launch, keep training."""
+        tensors = self._owned_tensors()
+        exchange = self._exchange_pseudo_gradient(tensors)
+        self._pending = PendingSync.launch(
+            exchange, tensors, self._anchor.tensors, self.step, self.config.overlap_steps
+        )
+        self._since_sync = 0
+
+    def _apply_pending(self) -> None:
+        """The second half: wait for the average, outer step, x <- x_bar_new + (x - x_launch)."""
+        pending, self._pending = self._pending, None
+        flat = pending.exchange.wait()
+        self.sync_seconds_blocked += pending.exchange.seconds_blocked
+        tensors = self._owned_tensors()
+        if self._all_finite(flat):
+            self._anchor.outer_step(flat)
+            self.counters["outer_syncs"] += 1
+            pending.keep_local_progress(self._anchor.tensors, tensors)
+        else:
+            self._skip_sync()
+            self._anchor.write_to(tensors)
+            self._since_sync = 0  # every worker is back on the anchor
+        self.adapter.after_write()
+
+    def _skip_sync(self) -> None:
+        # Every peer saw the same averaged NaN/inf, so all skip together: no extra round.
+        self.counters["skipped_syncs"] += 1
+        # The worker that diverged has non-finite inner-optimizer moments too; without this,
+        # its next step would turn the restored weights non-finite again.
+        reset = getattr(self.adapter, "reset_nonfinite_state", None)
+        if reset is not None:
+            reset()
+        logger.warning(
+            "PALSGD step %d: non-finite pseudo-gradient; outer update skipped, workers return to the last "
+            "good anchor (skipped_syncs=%d)", self.step, self.counters["skipped_syncs"],
+        )
 
     def _all_finite(self, flat: torch.Tensor) -> bool:
         bad = torch.tensor([0.0 if bool(torch.isfinite(flat).all()) else 1.0])
@@ -232,10 +295,12 @@ class PALSGD:
     def global_weights(self) -> Iterator[None]:
         """Temporarily put the global model (the anchor) into the weights, e.g. to evaluate it.
 
-        Between syncs the anchor is the last global model; during warm-up (no anchor yet) the
-        weights already are the global model and nothing is swapped.
+        Between syncs the anchor is the last global model; while an overlapped sync is in flight
+        it is the old anchor (the latest complete global model: the new one exists only once the
+        average arrives). During warm-up (no anchor yet) the weights already are the global model
+        and nothing is swapped.
         """
-        if self._anchor is None or self._since_sync == 0:
+        if self._anchor is None or (self._since_sync == 0 and self._pending is None):
             yield
             return
         tensors = self._owned_tensors()
@@ -256,11 +321,18 @@ class PALSGD:
         out: dict[str, float] = {name: float(v) for name, v in self.counters.items()}
         out["comm_bytes"] = float(self.peers.stats.bytes_sent + self.replica.stats.bytes_sent)
         out["comm_seconds"] = self.peers.stats.seconds_blocked + self.replica.stats.seconds_blocked
+        # The pseudo-gradient exchanges alone: time blocked in them (the exposed cost of the outer
+        # syncs) and time they ran hidden behind local steps (overlap_steps > 0).
+        out["sync_seconds_blocked"] = self.sync_seconds_blocked
+        out["comm_seconds_overlapped"] = self.peers.stats.seconds_overlapped
         out["drift"] = self.last_drift
         out["mixing_coefficient"] = self.last_mixing_coefficient
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's state. An overlapped sync in flight is waited for (nothing new is launched, so
+        any subset of ranks may call this) and saved with x_launch, to be applied at the same step
+        after a resume."""
         return {
             "step": self.step,
             "counters": dict(self.counters),
@@ -270,6 +342,8 @@ class PALSGD:
             "last_drift": self.last_drift,
             "last_mixing_coefficient": self.last_mixing_coefficient,
             "anchor": None if self._anchor is None else self._anchor.state_dict(),
+            "pending_sync": None if self._pending is None else self._pending.state_dict(),
+            "sync_seconds_blocked": self.sync_seconds_blocked,
             "peers_stats": self.peers.stats.state_dict(),
             "replica_stats": self.replica.stats.state_dict(),
             "replica_index": self.replica_index,
@@ -303,6 +377,11 @@ class PALSGD:
         else:
             self._anchor = Anchor(self._owned_tensors(), self.config, self.anchor_device)
             self._anchor.load_state_dict(state["anchor"])
+        self.sync_seconds_blocked = float(state.get("sync_seconds_blocked", 0.0))
+        self._pending = None
+        if state.get("pending_sync") is not None:
+            device = self._owned_tensors()[0].device
+            self._pending = PendingSync.from_state(state["pending_sync"], self.peers, self._anchor.tensors, device)
         self._grad_sync = None  # re-applied to the backend at the next step
 
 
