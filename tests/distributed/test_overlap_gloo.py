@@ -4,7 +4,9 @@ The collectives here are real and asynchronous (gloo runs them on its own thread
 script keeps training): the all-reduce, the bf16 all-to-all + all-gather over the peer groups,
 a checkpoint taken while one is in flight. Results are compared with the float64 reference of
 tests/unit/test_overlap.py; the timing test measures the seconds blocked per sync with and
-without overlap on a model large enough for the all-reduce to take real time.
+without overlap on a model large enough for the all-reduce to take real time. On DeepSpeed ZeRO-2
+partitions (2 replicas x 2 shards) both features are compared with the unsharded path, and a
+ZeRO checkpoint taken in the middle of a wait is resumed (slow).
 """
 
 from __future__ import annotations
@@ -71,3 +73,47 @@ def test_overlap_hides_the_sync_behind_local_steps(tmp_path):
     assert all(r["overlap2"]["comm_seconds_overlapped"] > 0 for r in res)
     assert all(r["overlap0"]["comm_bytes"] == r["overlap2"]["comm_bytes"] for r in res)
     assert overlapped <= 0.5 * blocking, f"blocked per sync: {overlapped:.4f}s with overlap vs {blocking:.4f}s without"
+
+
+# ---------------------------------------------------------------- DeepSpeed ZeRO partitions
+# overlap_ds_run.py = tests/distributed/scripts/ds_run.py (ZeRO vs. the unsharded DDP path on the
+# same data) with overlap_steps and comm_dtype set. 2 replicas x 2 ZeRO shards, H = 4, 14 steps:
+# launches at counts 4, 8, 12, updates land 2 steps later; bf16 on the wire exchanges partitions.
+ZERO_ARGS = ("--overlap", "2", "--comm-dtype", "bf16", "--shard-size", "2")
+
+
+@pytest.fixture(scope="module")
+def zero_full(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero_full")
+    return torchrun("overlap_ds_run.py", 4, out, "--mode", "ds", "--stage", "2", *ZERO_ARGS, timeout=300)
+
+
+@pytest.mark.timeout(600)
+def test_zero_partitions_with_overlap_and_bf16_match_the_unsharded_path(tmp_path, zero_full):
+    ref = torchrun("overlap_ds_run.py", 2, tmp_path, "--mode", "ref", *ZERO_ARGS, timeout=300)
+    for x in zero_full:
+        r = ref[x["replica"]]
+        assert x["kinds"] == r["kinds"]
+        # The weights at each launch (replicas differ then) and after finalize (one global model).
+        for (t, got), (t_ref, want) in zip(x["synced"], r["synced"]):
+            assert t == t_ref
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=0, atol=2e-6)
+        torch.testing.assert_close(torch.tensor(x["final"]), torch.tensor(ref[0]["final"]), rtol=0, atol=2e-6)
+        assert x["metrics"]["outer_syncs"] == r["metrics"]["outer_syncs"] == 4  # 3 overlapped + finalize's
+        assert x["metrics"]["skipped_syncs"] == 0
+    assert all(x["final"] == zero_full[0]["final"] for x in zero_full)
+    assert zero_full[0]["synced"][1][1] != zero_full[2]["synced"][1][1]  # replicas differ at a launch
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_zero_resume_in_the_middle_of_a_wait_is_exact(tmp_path, zero_full):
+    # Saved after 5 steps: the sync launched at 4 is in flight (it lands at 6).
+    run = ("--mode", "ds", "--stage", "2", *ZERO_ARGS)
+    torchrun("overlap_ds_run.py", 4, tmp_path / "saved", *run, "--save-at", "5", timeout=300)
+    resumed = torchrun("overlap_ds_run.py", 4, tmp_path / "resumed", *run, "--resume", str(tmp_path / "saved" / "ckpt"),
+                       timeout=300)
+    for a, b in zip(zero_full, resumed):
+        assert b["start"] == 5 and b["kinds"] == a["kinds"][5:]
+        assert b["owned"] == a["owned"][5:], f"rank {a['rank']}: resumed trajectory differs"
+        assert b["final"] == a["final"]
