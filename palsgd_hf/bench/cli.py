@@ -199,6 +199,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NetnsUnavailable as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # The workers were stopped and the namespaces removed on the way out (finally blocks).
+        print("bench: interrupted; workers stopped, namespaces removed. Finished runs are in partial.json.",
+              file=sys.stderr)
+        return 130
 
 
 def _validate(args: argparse.Namespace, settings: Optional[BenchSettings]) -> None:

@@ -109,6 +109,14 @@ def run_probe(settings: BenchSettings, link_dir: Path, cluster: Optional[NetnsCl
         return None
 
 
+def _save_partial(bench: dict[str, Any], out_dir: Path) -> None:
+    """Every finished run is kept in ``partial.json``: a failure later on does not lose it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "partial.json.tmp"
+    tmp.write_text(json.dumps(bench, indent=1, default=str))
+    os.replace(tmp, out_dir / "partial.json")
+
+
 def run_benchmark(
     settings: BenchSettings,
     links: list[LinkSpec],
@@ -145,9 +153,11 @@ def run_benchmark(
             entry["probe"] = run_probe(settings, link_dir, cluster, list(probe_sizes_kib)) if settings.workers > 1 else None
             ddp = run_method(settings, "ddp", link_dir / "ddp", cluster, None, run_timeout)
             entry["runs"]["ddp"] = ddp
+            _save_partial(bench, out_dir)
             target = ddp["history"][-1]["eval_loss"]
             for method in (m for m in settings.methods if m != "ddp"):
                 entry["runs"][method] = run_method(settings, method, link_dir / method, cluster, target, run_timeout)
+                _save_partial(bench, out_dir)
         finally:
             if cluster is not None:
                 cluster.down()
