@@ -1,0 +1,115 @@
+"""``palsgd-hf``: run a recipe, check recipes, run the offline demo, run the benchmark.
+
+    palsgd-hf demo [--tiny]                       # DDP vs PALSGD on Shakespeare, 2 CPU processes, a few minutes
+    palsgd-hf train RECIPE [--key value ...]      # validate, then launch the recipe's processes
+    palsgd-hf train RECIPE --dry-run              # validate and print the launch command only
+    palsgd-hf check RECIPE [RECIPE ...]           # validate recipes (keys, types, PALSGD, launch)
+    palsgd-hf bench ...                           # time-to-quality benchmark (scripts/bench.py)
+
+RECIPE is a YAML path, ``hub:ORG/REPO/path.yaml[@revision]`` or ``builtin:NAME``; see docs/cli.md.
+Mistakes in what the user typed (a recipe key, a value, a launch that would run one process) end
+with one line on stderr and exit code 2, before any process starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+@dataclass
+class _Status:
+    code: int = 0
+
+
+@contextlib.contextmanager
+def report_user_errors(prog: str = "palsgd-hf") -> Iterator[_Status]:
+    """Turn the user's mistakes into one stderr line and exit code 2 (no traceback); bugs still raise."""
+    from .config import PALSGDConfigError
+    from .launch import LaunchError
+    from .recipes import RecipeError
+
+    status = _Status()
+    try:
+        yield status
+    except (RecipeError, LaunchError, PALSGDConfigError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:  # one line per job, not one per rank
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        status.code = 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return _train(rest)
+    if command == "check":
+        return _check(rest)
+    if command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    if command == "bench":
+        from .bench.cli import main as bench_main
+
+        return bench_main(rest)
+    print(f"palsgd-hf: error: unknown command {command!r}; one of train, check, demo, bench.\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+def _train(argv: list[str]) -> int:
+    from .launch import build_command, format_command, in_launched_process, launch_env
+    from .recipes import load_recipe
+
+    if not argv or argv[0].startswith("-"):
+        print(f"palsgd-hf train: error: give a recipe first: palsgd-hf train RECIPE [--key value ...]", file=sys.stderr)
+        return 2
+    dry_run = "--dry-run" in argv
+    entry_args = [a for a in argv if a != "--dry-run"]
+    if in_launched_process():
+        # Already one process of a torchrun/accelerate job (the user launched `palsgd-hf train` itself).
+        from .train import main as train_main
+
+        return train_main(entry_args)
+    with report_user_errors("palsgd-hf train") as status:
+        recipe = load_recipe(entry_args[0], entry_args[1:])  # everything checked before any process starts
+        if recipe.launch.num_processes == 1 and not dry_run:
+            from .train import main as train_main
+
+            return train_main(entry_args)
+        cmd = build_command(recipe, entry_args)
+        print(f"palsgd-hf: {format_command(cmd)}", file=sys.stderr, flush=True)
+        if dry_run:
+            print(format_command(cmd))
+            return 0
+        return subprocess.run(cmd, env=launch_env()).returncode
+    return status.code
+
+
+def _check(argv: list[str]) -> int:
+    from .launch import build_command, format_command
+    from .recipes import load_recipe
+
+    if not argv:
+        print("palsgd-hf check: error: give one or more recipes.", file=sys.stderr)
+        return 2
+    worst = 0
+    for source in argv:
+        with report_user_errors(f"palsgd-hf check {source}") as status:
+            recipe = load_recipe(source)
+            print(f"ok  {source}: {format_command(build_command(recipe, [source]))}")
+        worst = max(worst, status.code)
+    return worst
+
+
+if __name__ == "__main__":
+    sys.exit(main())
