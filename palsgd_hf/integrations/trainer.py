@@ -56,21 +56,35 @@ class PALSGDTrainerMixin:
         self.palsgd_config = resolve_palsgd_config(self.args, palsgd_config)
         self.palsgd: Optional[PALSGD] = None
         self._palsgd_computed_at_log = 0
+        self._palsgd_peak_c: Optional[float] = None  # logged once, with the first training log
 
     # ------------------------------------------------------------------ set-up and resume
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         if isinstance(self.optimizer, PALSGDOptimizer):
             # A second train() call: hand the Trainer back the optimizer it created, as stock.
             self.optimizer = self.optimizer.optimizer
-        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         timeout = getattr(self.args, "palsgd_comm_timeout_seconds", None)
-        # model_wrapped is what accelerate prepared (DDP, or a DeepSpeed engine): build_algorithm picks the
-        # adapter from it. Collective: every rank builds its process groups here.
-        self.palsgd = build_algorithm(
-            self.model_wrapped, self.optimizer, self.palsgd_config,
-            comm_timeout=timedelta(seconds=timeout) if timeout else None,
-        )
-        self.optimizer = PALSGDOptimizer(self.optimizer, self.palsgd)
+        timeout = timedelta(seconds=timeout) if timeout else None
+        if self.is_deepspeed_enabled:
+            # ---- DeepSpeed ZeRO (palsgd_hf/adapters/deepspeed*.py): accelerate's deepspeed.initialize shards
+            # within each replica of palsgd_shard_size ranks; the engine steps PALSGD inside backward, and
+            # the optimizer's step() takes the pseudo-sync steps, which have no backward.
+            from ..adapters.deepspeed import DeepSpeedStepOptimizer, attach
+            from ..adapters.deepspeed_groups import replica_sharding
+
+            with replica_sharding(self.palsgd_config.shard_size, timeout):
+                model, train_dataloader = super()._prepare_for_training(
+                    max_steps, train_dataloader, resume_from_checkpoint
+                )
+            self.palsgd = attach(self.model_wrapped, self.palsgd_config, comm_timeout=timeout)
+            self.optimizer = DeepSpeedStepOptimizer(self.optimizer, self.palsgd)
+            # ---- end DeepSpeed
+        else:
+            model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+            # model_wrapped is what accelerate prepared (DDP): build_algorithm picks the adapter from it.
+            # Collective: every rank builds its process groups here.
+            self.palsgd = build_algorithm(self.model_wrapped, self.optimizer, self.palsgd_config, comm_timeout=timeout)
+            self.optimizer = PALSGDOptimizer(self.optimizer, self.palsgd)
         self.callback_handler.optimizer = self.optimizer
         if resume_from_checkpoint is not None:
             self._palsgd_load(resume_from_checkpoint)
@@ -84,11 +98,12 @@ class PALSGDTrainerMixin:
             logger.info("PALSGD method 'ddp': every step is a synchronous data-parallel step.")
             return
         peak = max(float(g.get("initial_lr", g["lr"])) for g in self.optimizer.param_groups)
+        self._palsgd_peak_c = cfg.check_mixing_coefficient(peak)  # raises if c > 1 with this optimizer's LR
         logger.info(
             "PALSGD: method=%s H=%d p=%g eta=%g warm-up=%d steps; pull per pseudo-sync step c = lr*eta/p = %.4g at "
             "the peak learning rate %g (aim for ~0.01-0.1).",
             cfg.method, cfg.sync_interval, cfg.pseudo_sync_prob, cfg.mixing_rate, cfg.warmup_steps,
-            cfg.check_mixing_coefficient(peak), peak,
+            self._palsgd_peak_c, peak,
         )
 
     def _palsgd_load(self, checkpoint_dir: str) -> None:
@@ -209,6 +224,10 @@ class PALSGDTrainerMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.palsgd is not None and ("loss" in logs or "train_loss" in logs):
+            if self._palsgd_peak_c is not None:
+                # Once, in the first training log, where every report_to backend shows it: the pull strength.
+                logs["palsgd/peak_mixing_coefficient"] = self._palsgd_peak_c
+                self._palsgd_peak_c = None
             logs.update({f"palsgd/{k}": v for k, v in self.palsgd.metrics().items()})
         super().log(logs, *args, **kwargs)
 

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch.distributed as dist
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
@@ -188,12 +189,21 @@ def _check_pull(config: PALSGDConfig, learning_rate: float) -> None:
             "PALSGD pull per pseudo-sync step c = learning_rate*palsgd_mixing_rate/palsgd_pseudo_sync_prob = "
             "%g*%g/%g = %.2g at the peak learning rate: almost no pull toward the global model. Aim for c of "
             "about 0.01-0.1, e.g. palsgd_mixing_rate=%.3g.",
-            learning_rate, config.mixing_rate, config.pseudo_sync_prob, c, 0.03 * config.pseudo_sync_prob / learning_rate,
+            learning_rate, config.mixing_rate, config.pseudo_sync_prob, c,
+            0.03 * config.pseudo_sync_prob / learning_rate,
         )
 
 
 def check_world(config: PALSGDConfig, world_size: int) -> None:
-    """Checks that need the launched world size."""
+    """Checks that need the launched world size (the Trainer's view of it)."""
+    launched = dist.get_world_size() if dist.is_available() and dist.is_initialized() else world_size
+    if launched != world_size:
+        # Seen with torchrun on a machine without GPUs: every process trains alone as rank 0 of 1, so
+        # they would all write the same checkpoint files while PALSGD averages across them.
+        raise PALSGDConfigError(
+            f"torch.distributed runs {launched} processes but the Trainer sees world_size={world_size}: on a "
+            "machine without GPUs pass use_cpu=True (--use_cpu) so that the Trainer trains data-parallel."
+        )
     if world_size % config.shard_size != 0:
         raise PALSGDConfigError(
             f"the job has {world_size} processes, not a multiple of palsgd_shard_size={config.shard_size}: every "

@@ -76,6 +76,8 @@ def test_step_kinds_and_counters_follow_the_schedule(uninterrupted):
     logged = [e for e in results[0]["log_history"] if "loss" in e]
     assert {"palsgd/outer_syncs", "palsgd/pseudo_syncs", "palsgd/comm_bytes", "palsgd/drift",
             "palsgd/mixing_coefficient"} <= set(logged[-1])
+    assert logged[0]["palsgd/peak_mixing_coefficient"] == pytest.approx(0.003 * 1.0 / P)  # c = lr*eta/p, once
+    assert all("palsgd/peak_mixing_coefficient" not in e for e in logged[1:])
     for e in logged:
         done = sum(is_sync(s) for s in range(1, e["step"] + 1)) + (e["step"] == STEPS and STEPS % H != 0)
         assert e["palsgd/outer_syncs"] == done

@@ -43,13 +43,13 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--eval-steps", type=int, default=0)
     ap.add_argument("--eval-on", default="global")
     ap.add_argument("--save-steps", type=int, default=0)
-    ap.add_argument("--crash-at", type=int, default=0, help="exit (as if killed) right after the checkpoint at this step")
+    ap.add_argument("--crash-at", type=int, default=0, help="exit (as if killed) after the checkpoint at this step")
     ap.add_argument("--resume", default=None)
     ap.add_argument("--sequential", action="store_true", help="train_sampling_strategy='sequential'")
     ap.add_argument("--regroup-from-ga", type=int, default=1,
-                    help="reorder the data so each rank's batch of ga*bs holds what it would read as ga micro-batches of bs")
-    ap.add_argument("--fp64", action="store_true", help="train in float64 (equivalence checks without fp32 noise)")
-    ap.add_argument("--mixin", action="store_true", help="PALSGDTrainerMixin on a Trainer subclass, plain TrainingArguments")
+                    help="reorder the data: each rank's batch of bs = what it reads as this many micro-batches")
+    ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast)")
+    ap.add_argument("--mixin", action="store_true", help="PALSGDTrainerMixin + plain TrainingArguments")
     return ap.parse_args()
 
 
@@ -155,7 +155,7 @@ def main() -> None:
         eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps or None,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         train_sampling_strategy="sequential" if args.sequential else "random",
-        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, bf16=args.bf16,
     )
     palsgd = dict(sync_interval=args.H, pseudo_sync_prob=args.p, warmup_steps=args.warmup, mixing_rate=1.0)
     if args.mixin:
@@ -171,8 +171,6 @@ def main() -> None:
     rank, world = training_args.process_index, training_args.world_size
     tokenizer, train, val = datasets(args, training_args)
     model = build_causal_lm(tokenizer=tokenizer, seed=0)
-    if args.fp64:
-        model = model.double()
     recorder = Recorder(args, out, rank)
     trainer = cls(model=model, args=training_args, train_dataset=train, eval_dataset=val, callbacks=[recorder], **extra)
     trainer.micro_batches = []
