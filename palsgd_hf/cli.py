@@ -67,7 +67,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from .launch import build_command, format_command, in_launched_process, launch_env
+    from .launch import build_command, check_hardware, format_command, in_launched_process, launch_env
     from .recipes import load_recipe
 
     if not argv or argv[0].startswith("-"):
@@ -82,6 +82,7 @@ def _train(argv: list[str]) -> int:
         return train_main(entry_args)
     with report_user_errors("palsgd-hf train") as status:
         recipe = load_recipe(entry_args[0], entry_args[1:])  # everything checked before any process starts
+        check_hardware(recipe)
         if recipe.launch.num_processes == 1 and not dry_run:
             from .train import main as train_main
 

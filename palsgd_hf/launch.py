@@ -69,6 +69,18 @@ def check_accelerate_config(path: str, num_processes: int) -> dict:
     return config
 
 
+def check_hardware(recipe) -> None:
+    """Refuse, before launching, a recipe that needs a GPU on a machine without one."""
+    from .integrations.accelerate import cpu_only
+
+    wants = [k for k in ("bf16", "fp16") if recipe.training.get(k)]
+    if wants and cpu_only() and not recipe.training.get("use_cpu"):
+        raise LaunchError(
+            f"recipe {recipe.source} sets {wants[0]}: true, which the Trainer allows only on a GPU, and this machine "
+            f"has none; pass --{wants[0]} false to run it on CPU."
+        )
+
+
 def build_command(recipe, entry_args: Sequence[str]) -> list[str]:
     """The command that runs ``python -m palsgd_hf.train *entry_args`` on the recipe's processes."""
     launch = recipe.launch

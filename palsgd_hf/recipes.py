@@ -334,12 +334,17 @@ def check_training_arguments(recipe: Recipe) -> None:
     Run before any process is started. Settings whose checks need the launched job are left to the
     processes: the world size (PALSGD's shard layout is checked against launch.num_processes instead)
     and DeepSpeed (its config is checked to be a readable JSON file here; its init needs the job).
+    Mixed precision is checked here only where a GPU is present, so a GPU recipe validates on a CPU
+    machine (``palsgd-hf train`` refuses to launch it there: :func:`palsgd_hf.launch.check_hardware`).
     """
     from .config import PALSGDConfigError
+    from .integrations.accelerate import cpu_only
 
     values = dict(recipe.training)
     values["palsgd_shard_size"] = 1
-    deepspeed = values.pop("deepspeed", None)
+    if cpu_only():
+        values["bf16"] = values["fp16"] = False
+    deepspeed, values["deepspeed"] = values.get("deepspeed"), None
     if isinstance(deepspeed, str):
         import json
 
@@ -387,6 +392,8 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
         raise RecipeError(f"{key}: null is not allowed; give a value of type {_describe(allowed)}.")
     if Any in allowed or object in allowed:
         return value
+    if isinstance(value, str) and str not in allowed:
+        value = _number(value, allowed)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if isinstance(value, bool):
         if bool in allowed:
             return value
@@ -408,6 +415,16 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
     if any(not _is_plain(t) for t in allowed):
         return value  # a type we cannot check here (e.g. a config object): TrainingArguments will
     raise RecipeError(f"{key}={value!r} ({type(value).__name__}) should be {_describe(allowed)}.")
+
+
+def _number(text: str, allowed: set) -> Any:
+    for kind in (int, float):
+        if kind in allowed:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+    return text
 
 
 def _flatten(annotation: Any) -> set:
