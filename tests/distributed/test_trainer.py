@@ -179,3 +179,16 @@ def test_eval_on_local_scores_each_workers_own_model(accumulation_runs):
         logged = next(e["eval_loss"] for e in r["log_history"] if "eval_loss" in e and e["step"] == 15)
         assert abs(r["post_eval"]["anchor_at_eval"] - r["post_eval"]["local_at_eval"]) > 1e-4
         assert logged == pytest.approx(r["post_eval"][expected], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_is_exact_under_bf16_mixed_precision(tmp_path):
+    """The resume check again with bf16 autocast (CPU): 3 more runs, so not in the default suite."""
+    run = [*RUN, "--bf16", "--save-steps", str(CRASH_AT)]
+    _, full = launch(tmp_path / "full", *run)
+    torchrun("trainer_run.py", 2, tmp_path / "first", "--run-dir", str(tmp_path / "run"), *run,
+             "--crash-at", str(CRASH_AT), timeout=300)
+    ckpt = tmp_path / "run" / f"checkpoint-{CRASH_AT}"
+    _, resumed = launch(tmp_path / "second", *run, "--resume", str(ckpt))
+    for rank in range(2):
+        torch.testing.assert_close(resumed[rank]["final"], full[rank]["final"], rtol=0, atol=1e-6)
