@@ -1,4 +1,12 @@
-"""palsgd_hf: Pseudo-Asynchronous Local SGD (PALSGD) for the Hugging Face training stack."""
+"""palsgd_hf: Pseudo-Asynchronous Local SGD (PALSGD) for the Hugging Face training stack.
+
+The core (config, algorithm, optimizer wrapper) imports only torch. The integrations, which pull
+in transformers / accelerate, load on first use of their names, so ``import palsgd_hf`` stays cheap
+for plain PyTorch loops and for the per-rank processes of a launch.
+"""
+
+from importlib import import_module
+from typing import Any
 
 from .config import PALSGDConfig, PALSGDConfigError
 from .core import PALSGD, Communicator, LocalCommunicator, PALSGDOptimizer, StepKind, Topology
@@ -6,7 +14,23 @@ from .wrap import build_algorithm, wrap_optimizer
 
 __version__ = "0.1.0"
 
+# name -> module that defines it, imported lazily (see the module docstring).
+_LAZY = {
+    "PALSGDTrainer": ".integrations.trainer",
+    "PALSGDTrainerMixin": ".integrations.trainer",
+    "PALSGDTrainingArguments": ".integrations.trainer_args",
+    "PALSGDAccelerate": ".integrations.accelerate",
+}
+
 __all__ = [
     "PALSGDConfig", "PALSGDConfigError", "PALSGD", "PALSGDOptimizer", "StepKind", "Communicator",
-    "LocalCommunicator", "Topology", "build_algorithm", "wrap_optimizer", "__version__",
+    "LocalCommunicator", "Topology", "build_algorithm", "wrap_optimizer", "__version__", *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'palsgd_hf' has no attribute {name!r}")
