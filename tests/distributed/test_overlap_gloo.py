@@ -117,3 +117,24 @@ def test_zero_resume_in_the_middle_of_a_wait_is_exact(tmp_path, zero_full):
         assert b["start"] == 5 and b["kinds"] == a["kinds"][5:]
         assert b["owned"] == a["owned"][5:], f"rank {a['rank']}: resumed trajectory differs"
         assert b["final"] == a["final"]
+
+
+# ---------------------------------------------------------------- the HF Trainer
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_trainer_checkpoint_in_the_middle_of_a_wait_resumes_exactly(tmp_path):
+    """PALSGDTrainer (tiny GPT-Neo, DDP): H = 8, d = 2, bf16; the checkpoint at step 17 is taken while
+    the exchange launched at 16 is in flight (it lands at 18)."""
+    run = ["--steps", "44", "--H", "8", "--warmup", "4", "--p", "0.25", "--overlap", "2", "--comm-dtype", "bf16"]
+    full = torchrun("overlap_trainer_run.py", 2, tmp_path / "full", "--run-dir", str(tmp_path / "full_run"), *run,
+                    timeout=600)
+    resume_run = [*run, "--run-dir", str(tmp_path / "run"), "--save-steps", "17"]
+    torchrun("overlap_trainer_run.py", 2, tmp_path / "first", *resume_run, "--crash-at", "17", timeout=600)
+    ckpt = tmp_path / "run" / "checkpoint-17"
+    resumed = torchrun("overlap_trainer_run.py", 2, tmp_path / "second", *resume_run, "--resume", str(ckpt), timeout=600)
+    for rank in range(2):
+        a, b = torch.load(tmp_path / "full" / f"rank{rank}.pt"), torch.load(tmp_path / "second" / f"rank{rank}.pt")
+        assert torch.equal(a["final"], b["final"]) and torch.equal(a["local_last"], b["local_last"])
+        assert [s["kind"] for s in resumed[rank]["steps"]] == [s["kind"] for s in full[rank]["steps"]][17:]
+        assert resumed[rank]["metrics"]["outer_syncs"] == full[rank]["metrics"]["outer_syncs"] == 6
+        assert full[rank]["metrics"]["comm_seconds_overlapped"] > 0
