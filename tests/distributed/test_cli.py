@@ -1,0 +1,108 @@
+"""``palsgd-hf train`` and ``palsgd-hf demo`` end to end: real launches of 2 processes, real Trainer, real data.
+
+Each test runs the CLI as a user would (a subprocess, offline, the Shakespeare corpus from the
+project cache) and reads what it leaves behind: result.json, the saved model, the demo's table and
+plot. Sizes are the smallest that still cover warm-up, local steps, pseudo-syncs and two syncs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = "recipes/shakespeare-tiny/palsgd.yaml"
+SMALL = [  # 12 steps: 4 warm-up, then 8 local steps with syncs after steps 8 and 12
+    "--max_steps", "12", "--eval_steps", "6", "--logging_steps", "3", "--warmup_steps", "2",
+    "--max_eval_samples", "16", "--palsgd_warmup_steps", "4", "--palsgd_sync_interval", "4",
+]
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "palsgd_hf.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.mark.timeout(300)
+def test_train_runs_a_recipe_on_two_processes(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", TINY, *SMALL, "--output_dir", str(out))
+    check(proc)
+    assert "torch.distributed.run --standalone --nproc_per_node=2 -m palsgd_hf.train" in proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["global_steps"] == 12 and result["method"] == "palsgd"
+    ranks = result["palsgd_per_rank"]
+    assert len(ranks) == 2
+    for r in ranks:
+        assert r["warmup_steps"] == 4 and r["gradient_steps"] + r["pseudo_syncs"] == 8
+        assert r["outer_syncs"] == 2 and r["comm_bytes"] > 0
+    assert sum(r["pseudo_syncs"] for r in ranks) >= 1
+    computed = sum(r["warmup_steps"] + r["gradient_steps"] for r in ranks)
+    assert result["tokens_read"] == 12 * 2 * 16 * 128
+    assert result["tokens_computed"] == computed * 16 * 128 < result["tokens_read"]
+    assert 0 < result["final_eval_loss"] < math.log(2048)  # learned something beyond a uniform guess
+    assert result["final_perplexity"] == pytest.approx(math.exp(result["final_eval_loss"]), rel=1e-6)
+    assert [h["step"] for h in result["eval_history"]] == [6, 12, 12]
+    assert result["comm_bytes_total"] == pytest.approx(sum(r["comm_bytes"] for r in ranks))
+    assert (out / "model.safetensors").is_file() and (out / "recipe.json").is_file()
+
+
+@pytest.mark.timeout(180)
+def test_accelerate_cpu_launch_of_one_process_is_refused(tmp_path):
+    # The trap: `accelerate launch --cpu --num_processes 2` starts ONE process on a machine like this.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "palsgd_hf.train", TINY,
+         "--output_dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=150, env=env, cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    assert "palsgd_hf.train: error: this job has 1 process but the recipe asks for launch.num_processes=2" in proc.stderr
+    assert "accelerate's single-process launcher" in proc.stderr
+    assert "palsgd_hf/" not in proc.stderr  # one line from us, no traceback (accelerate adds its own)
+    assert not (tmp_path / "run" / "result.json").exists()
+
+
+@pytest.mark.timeout(420)
+def test_demo_tiny_trains_ddp_and_palsgd_and_reports(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("demo", "--tiny", "--output_dir", str(out), timeout=400)
+    check(proc)
+    table = proc.stdout
+    assert "method" in table and "perplexity" in table and "MB sent/rank" in table
+    assert any(line.startswith("ddp ") for line in table.splitlines())
+    assert any(line.startswith("palsgd ") for line in table.splitlines())
+    png = out / "loss_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    summary = json.loads((out / "summary.json").read_text())
+    ddp, palsgd = summary["ddp"], summary["palsgd"]
+    assert ddp["palsgd"]["outer_syncs"] == 0 and palsgd["palsgd"]["outer_syncs"] >= 1
+    # DDP all-reduces every step; PALSGD only in warm-up and at syncs.
+    assert palsgd["palsgd"]["comm_bytes"] < ddp["palsgd"]["comm_bytes"]
+    assert palsgd["tokens_computed"] < ddp["tokens_computed"] and palsgd["tokens_read"] == ddp["tokens_read"]
+    for r in (ddp, palsgd):
+        assert r["world_size"] == 2 and math.isfinite(r["final_eval_loss"]) and r["eval_history"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_train_through_accelerate_launch(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli("train", "recipes/shakespeare-tiny/palsgd_accelerate.yaml", *SMALL, "--output_dir", str(out))
+    check(proc)
+    assert "accelerate.commands.launch" in proc.stderr and "--multi_gpu" in proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["global_steps"] == 12
+    assert all(r["outer_syncs"] == 2 for r in result["palsgd_per_rank"])
