@@ -1,0 +1,91 @@
+"""The Accelerate hooks through examples/accelerate_loop.py: 2 real processes, gradient accumulation,
+``accelerator.save_state`` mid-interval, and an exact resume with ``accelerator.load_state``.
+
+Run A is launched the way the example's docstring says (``accelerate launch --multi_gpu``, which on
+a CPU-only machine is 2 gloo processes because the example passes ``Accelerator(cpu=cpu_only())``);
+it saves a checkpoint after step 11, between syncs, where the two replicas differ. Run B resumes
+from it under torchrun and must end bit-identical to run A.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "accelerate_loop.py"
+# 24 optimizer steps of 2 micro-batches: 6 warm-up steps, then syncs after steps 12, 18 and 24.
+ARGS = ["--max_steps", "24", "--grad_accum", "2", "--batch_size", "4", "--warmup_steps", "6", "--sync_interval", "6",
+        "--eval_every", "12", "--max_eval_samples", "16", "--block_size", "64"]
+SAVE_AT = 11
+
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def launch(launcher: list[str], out: Path, *extra: str) -> list[dict]:
+    """Run the example on 2 processes; return the per-rank results."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([*launcher, str(EXAMPLE), *ARGS, *extra, "--output_dir", str(out)], capture_output=True,
+                          text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accel") / "a"
+    return out, launch(ACCELERATE, out, "--save_state_at", str(SAVE_AT))
+
+
+@pytest.mark.timeout(300)
+def test_example_trains_palsgd_on_two_processes(run_a):
+    _, (a0, a1) = run_a
+    assert a0["world_size"] == a1["world_size"] == 2 and a0["steps"] == a1["steps"] == 24
+    for r in (a0, a1):
+        assert r["kinds"][:6] == ["warmup"] * 6
+        assert set(r["kinds"][6:]) <= {"gradient", "pseudo_sync"}
+        m = r["metrics"]
+        assert m["palsgd/warmup_steps"] == 6 and m["palsgd/outer_syncs"] == 3
+        assert m["palsgd/gradient_steps"] + m["palsgd/pseudo_syncs"] == 18
+        # a pseudo-sync step computes nothing: one loss per micro-batch of the computed steps only
+        computed = m["palsgd/warmup_steps"] + m["palsgd/gradient_steps"]
+        assert len(r["losses"]) == 2 * computed
+    assert a0["kinds"] != a1["kinds"], "the two replicas flipped identical coins"
+    assert a0["weights_sha256"] == a1["weights_sha256"], "finalize() left the replicas different"
+    assert a0["eval_loss"] == a1["eval_loss"] < math.log(2048)
+    assert [s for s, _ in a0["evals"]] == [12, 24]
+
+
+@pytest.mark.timeout(300)
+def test_save_state_writes_each_ranks_own_state(run_a):
+    out, _ = run_a
+    state = out / f"state_step{SAVE_AT}"
+    assert (state / "model.safetensors").is_file() and (state / "custom_checkpoint_0.pkl").is_file()
+    r0, r1 = (torch.load(state / "palsgd" / f"rank_{r}.pt", weights_only=False) for r in range(2))
+    assert r0["algorithm"]["step"] == r1["algorithm"]["step"] == SAVE_AT
+    # Between syncs the replicas differ: rank 0's weights (all accelerate saves) would be wrong for rank 1.
+    assert any(not torch.equal(r0["model"][k], r1["model"][k]) for k in r0["model"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resume_from_save_state_continues_exactly(run_a, tmp_path):
+    out_a, (a0, a1) = run_a
+    b0, b1 = launch(TORCHRUN, tmp_path / "b", "--resume_from", str(out_a / f"state_step{SAVE_AT}"))
+    for a, b in ((a0, b0), (a1, b1)):
+        assert b["kinds"] == a["kinds"][SAVE_AT:], "the resumed run drew different coins"
+        assert b["losses"] == a["losses"][len(a["losses"]) - len(b["losses"]):], "the resumed losses differ"
+        assert b["weights_sha256"] == a["weights_sha256"], "the resumed run ended with different weights"
+        assert b["metrics"]["palsgd/outer_syncs"] == a["metrics"]["palsgd/outer_syncs"]
+    assert b0["eval_loss"] == a0["eval_loss"]
+
