@@ -79,6 +79,10 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _load() -> Optional[float]:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def run_method(settings: BenchSettings, method: str, run_dir: Path, cluster: Optional[NetnsCluster],
                target_loss: Optional[float], timeout: float) -> dict[str, Any]:
     """One training run; returns the callback's record plus ``method`` and the launch wall time."""
@@ -89,10 +93,12 @@ def run_method(settings: BenchSettings, method: str, run_dir: Path, cluster: Opt
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
     logger.info("Run %s (%s): up to %d steps, target %s", method, run_dir.parent.name, settings.max_steps(method),
                 "none" if target_loss is None else f"{target_loss:.4f}")
+    load_before = _load()
     wall = launch(["-m", "palsgd_hf.bench.worker", "--spec", str(run_dir / "spec.json")], settings.workers,
                   run_dir, cluster=cluster, timeout=timeout)
     record = json.loads(record_path.read_text())
-    record.update(method=method, launch_seconds=wall)
+    # The machine's 1-minute load average around the run: wall times are only comparable at similar load.
+    record.update(method=method, launch_seconds=wall, load_average=[load_before, _load()])
     logger.info("  %s: %d steps, %.1f s training, final eval loss %.4f, %.1f MB sent", method, record["steps"],
                 record["train_seconds"], record["history"][-1]["eval_loss"], record["comm_bytes"] / 1e6)
     return record
