@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,44 @@ def test_resume_from_save_state_continues_exactly(run_a, tmp_path):
         assert b["metrics"]["palsgd/outer_syncs"] == a["metrics"]["palsgd/outer_syncs"]
     assert b0["eval_loss"] == a0["eval_loss"]
 
+
+
+@pytest.mark.timeout(120)
+def test_hooks_refuse_a_lonely_accelerator_and_an_unprepared_optimizer():
+    # One process that believes it is rank 0 of 2 (WORLD_SIZE=2) with Accelerator() on a CPU-only
+    # machine: accelerate's state is single-process there, the trap the hooks must refuse.
+    script = textwrap.dedent("""
+        import torch
+        from accelerate import Accelerator
+        from palsgd_hf import PALSGDConfig
+        from palsgd_hf.integrations.accelerate import PALSGDAccelerate, cpu_only
+        if not cpu_only():
+            print("SKIP"); raise SystemExit
+        import os
+        os.environ["WORLD_SIZE"] = "2"
+        try:
+            PALSGDAccelerate(Accelerator(), PALSGDConfig())
+        except RuntimeError as err:
+            print("REFUSED", err)
+        os.environ["WORLD_SIZE"] = "1"
+        accelerator = Accelerator(cpu=True)
+        model = torch.nn.Linear(2, 1)
+        raw = torch.optim.SGD(model.parameters(), lr=0.1)
+        try:
+            PALSGDAccelerate(accelerator, PALSGDConfig()).wrap(model, raw)
+        except TypeError as err:
+            print("UNPREPARED", err)
+        hooks = PALSGDAccelerate(accelerator, None)
+        prepared_model, prepared = accelerator.prepare(model, raw)
+        assert hooks.wrap(prepared_model, prepared) is prepared and hooks.should_compute() and hooks.metrics() == {}
+        print("NOOP ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if "SKIP" in proc.stdout:
+        pytest.skip("this machine has a GPU")
+    assert "REFUSED the launcher started 2 processes (WORLD_SIZE) but the Accelerator sees 1" in proc.stdout
+    assert "Accelerator(cpu=True)" in proc.stdout
+    assert "UNPREPARED wrap() needs the optimizer returned by accelerator.prepare" in proc.stdout
+    assert "NOOP ok" in proc.stdout
