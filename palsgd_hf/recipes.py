@@ -245,6 +245,8 @@ def _build(source: str, locator: _Locator, raw: dict[str, Any]) -> Recipe:
         if key == "launch":
             continue
         if key in spec_fields:
+            if key in ("train_files", "validation_files") and isinstance(value, str):
+                value = [value]  # one file needs no list brackets
             spec_kw[key] = coerce(key, value, spec_fields[key])
         else:
             training[key] = coerce(key, value, training_fields[key])

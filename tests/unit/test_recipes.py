@@ -122,7 +122,7 @@ def test_relative_paths_resolve_against_cwd_then_the_recipe_dir(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.txt").write_text("to be or not to be\n" * 50)
     recipe_file = tmp_path / "r.yaml"
-    recipe_file.write_text("tokenizer: bpe-shakespeare-2048\ntrain_files: [data/train.txt]\nmax_steps: 2\n"
+    recipe_file.write_text("tokenizer: bpe-shakespeare-2048\ntrain_files: data/train.txt\nmax_steps: 2\n"
                            "launch: {num_processes: 1}\n")
     recipe = load_recipe(str(recipe_file))  # the cwd is the repo root: found next to the recipe
     assert recipe.spec.train_files == [str((tmp_path / "data" / "train.txt").resolve())]
