@@ -43,6 +43,9 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
                    help=f"PALSGD's eta (default: the one giving a pull c=lr*eta/p of {d.pull_coefficient})")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help=f"synchronous steps before local steps start ({d.palsgd_warmup_steps})")
+    p.add_argument("--outer-lr", type=float, default=None, help=f"outer Nesterov lr of DiLoCo and PALSGD ({d.outer_lr})")
+    p.add_argument("--outer-momentum", type=float, default=None,
+                   help=f"outer Nesterov momentum of DiLoCo and PALSGD ({d.outer_momentum})")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (must include ddp)")
 
@@ -51,7 +54,8 @@ _SETTING_OF = {"workers": "workers", "model_size": "model_size", "steps": "steps
                "local_step_factor": "local_step_factor", "batch_size": "batch_size", "block_size": "block_size",
                "lr": "learning_rate", "eval_every": "eval_every", "sync_interval": "sync_interval",
                "pseudo_sync_prob": "pseudo_sync_prob", "mixing_rate": "mixing_rate",
-               "warmup_steps": "palsgd_warmup_steps", "seed": "seed"}
+               "warmup_steps": "palsgd_warmup_steps", "seed": "seed", "outer_lr": "outer_lr",
+               "outer_momentum": "outer_momentum"}
 
 
 def settings_from(args: argparse.Namespace) -> BenchSettings:

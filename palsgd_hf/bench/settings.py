@@ -45,6 +45,12 @@ class BenchSettings:
     pseudo_sync_prob: float = 0.2
     mixing_rate: Optional[float] = None  # None: chosen so that c = lr*eta/p = pull_coefficient
     pull_coefficient: float = 0.05
+    # Outer Nesterov of DiLoCo and PALSGD (the same for both). DiLoCo's lr 0.7 with momentum 0.9 was
+    # tuned for H = 500 and 8 workers; at H = 32 with 2 workers and a constant inner LR it amplifies
+    # the noise of each pseudo-gradient and both methods plateau above DDP's loss (BENCHMARKS.md,
+    # "Outer optimizer"). Momentum 0.5 was the best of a small sweep for DiLoCo, and is used for both.
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.5
     seed: int = 0
     methods: tuple[str, ...] = METHODS
     extra: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +106,8 @@ class BenchSettings:
         if method == "ddp":
             return cfg
         cfg.update(sync_interval=self.sync_interval, warmup_steps=self.palsgd_warmup_steps)
+        if method in ("diloco", "palsgd"):
+            cfg.update(outer_lr=self.outer_lr, outer_momentum=self.outer_momentum)
         if method == "palsgd":
             cfg.update(pseudo_sync_prob=self.pseudo_sync_prob, mixing_rate=self.eta)
         return cfg
