@@ -67,8 +67,8 @@ class DeepSpeedAdapter:
         engine: the engine ``deepspeed.initialize`` returned, built with the PALSGD mpu
             (``palsgd_hf.adapters.deepspeed_groups.replica_mpu``) when there is more than one replica.
         comm: communicator over this rank's peer group (the ranks owning the same partition in
-            the other replicas). Collective: the initial partitions are broadcast from replica 0,
-            so every replica starts from the same model (as DDP does at construction).
+            the other replicas). Collective: on a fresh engine the partitions are broadcast from
+            replica 0, so every replica starts from the same model (as DDP does at construction).
     """
 
     def __init__(self, engine, comm: Communicator):
@@ -214,7 +214,11 @@ class DeepSpeedAdapter:
     @torch.no_grad()
     def _broadcast_initial(self, comm: Communicator) -> None:
         self._zero_stage3_padding()
-        if comm.size > 1:
+        checkpoints = getattr(self.engine, "palsgd_checkpoints", None)
+        resumed = self.engine.global_steps > 0 or (checkpoints is not None and checkpoints.pending_state is not None)
+        # A fresh start: make the replicas identical (as DDP does). Never after a checkpoint was loaded
+        # (the HF Trainer loads before PALSGD attaches): between syncs the replicas' states differ.
+        if comm.size > 1 and not resumed:
             for group in self.owned_groups():
                 for t in group.tensors:
                     comm.broadcast(t.data, 0)
@@ -270,7 +274,7 @@ def attach(engine, config, *, comm_timeout: Optional[timedelta] = None):
     """
     from ..core.algorithm import PALSGD
     from ..core.comm import LocalCommunicator
-    from .deepspeed_groups import ReplicaMPU, replica_mpu
+    from .deepspeed_groups import ReplicaMPU, confine_zero3_consistency_checks, replica_mpu
 
     mpu = engine.mpu if isinstance(getattr(engine, "mpu", None), ReplicaMPU) else replica_mpu(config.shard_size, comm_timeout)
     if mpu.topology.shard_size != config.shard_size:
@@ -278,6 +282,8 @@ def attach(engine, config, *, comm_timeout: Optional[timedelta] = None):
             f"the engine's mpu shards over {mpu.topology.shard_size} ranks but config.shard_size={config.shard_size}; "
             "build the engine with mpu=replica_mpu(config.shard_size)."
         )
+    if engine.zero_optimization_stage() == 3:
+        confine_zero3_consistency_checks(mpu)  # already done when the engine came from replica_sharding
     t = mpu.topology
     peers = Communicator(mpu.groups.peers, comm_timeout) if t.world_size > 1 else LocalCommunicator()
     replica = Communicator(mpu.get_data_parallel_group(), comm_timeout) if t.shard_size > 1 else LocalCommunicator()

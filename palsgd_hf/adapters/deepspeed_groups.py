@@ -27,6 +27,7 @@ import logging
 from datetime import timedelta
 from typing import Any, Iterator, Optional
 
+import torch
 import torch.distributed as dist
 
 from ..config import PALSGDConfigError
@@ -174,6 +175,8 @@ def replica_sharding(shard_size: int, comm_timeout: Optional[timedelta] = None) 
                     kwargs[key] = fit_batch_size(kwargs[key], mpu)
             _check_not_partitioned_over_world(kwargs.get("model"), mpu)
         result = original(*args, **kwargs)
+        if result[0].zero_optimization_stage() == 3:
+            confine_zero3_consistency_checks(kwargs["mpu"])
         deepspeed_checkpoint.install(result[0], mpu.topology.replica_index)
         return result
 
@@ -198,3 +201,48 @@ def _check_not_partitioned_over_world(model, mpu: ReplicaMPU) -> None:
                 "data_parallel_group=replica_mpu(shard_size).get_data_parallel_group() to zero.Init."
             )
         return
+
+
+def confine_zero3_consistency_checks(mpu: ReplicaMPU) -> None:
+    """Make ZeRO-3's "same list on every rank" checks compare within the replica, not the world.
+
+    ZeRO-3 records the order in which modules fetch their parameters during the first forward
+    passes after it starts (and again whenever that order changes, e.g. after an evaluation), and
+    checks that every rank recorded the same order with broadcasts over the *whole world*
+    (``deepspeed.runtime.zero.utils.assert_ints_same_as_other_ranks``). Under PALSGD one replica
+    may skip its forward (a pseudo-sync step) while another runs one, so a world-wide check hangs:
+    a replica that resumes from a checkpoint or evaluates mid-run would wait forever. Only the
+    ranks sharing one ZeRO partitioning must agree, so the check runs over the replica group.
+    Process-wide (one PALSGD layout per process); idempotent.
+    """
+    from deepspeed.runtime.zero import partition_parameters, partitioned_param_coordinator, stage3
+
+    if mpu.topology.num_replicas == 1:
+        return
+    group = mpu.get_data_parallel_group()
+    src = mpu.topology.replica_ranks(mpu.topology.replica_index)[0]
+
+    def assert_ints_same_within_replica(ints: list[int]) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        device = torch.device(get_accelerator().current_device_name())
+        length = torch.tensor([len(ints)], dtype=torch.long, device=device)
+        dist.broadcast(length, src=src, group=group)
+        if int(length.item()) != len(ints):
+            raise RuntimeError(
+                f"ZeRO-3 ranks of replica {mpu.topology.replica_index} disagree: rank {src} has a list of "
+                f"{int(length.item())} entries, rank {dist.get_rank()} of {len(ints)}."
+            )
+        values = torch.tensor(ints, dtype=torch.long, device=device)
+        dist.broadcast(values, src=src, group=group)
+        if values.tolist() != list(ints):
+            raise RuntimeError(
+                f"ZeRO-3 ranks of replica {mpu.topology.replica_index} disagree on a list: rank {src} has "
+                f"{values.tolist()[:16]}..., rank {dist.get_rank()} {list(ints)[:16]}..."
+            )
+
+    assert_ints_same_within_replica.palsgd_replica = True
+    for module in (partitioned_param_coordinator, partition_parameters, stage3):
+        # These modules imported the function by name; replace each module's own reference.
+        if not getattr(getattr(module, "assert_ints_same_as_other_ranks", None), "palsgd_replica", False):
+            module.assert_ints_same_as_other_ranks = assert_ints_same_within_replica

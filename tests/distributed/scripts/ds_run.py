@@ -144,13 +144,17 @@ def main() -> None:
                 x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
                 loss = torch.nn.functional.mse_loss(module(x), y) / args.accum
                 loss.backward()
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
         if args.mode == "ref":
             if kind is not StepKind.PSEUDO_SYNC:
                 torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
             opt.step()
             scheduler.step()
             opt.zero_grad()
+        # Log the mean loss over all ranks every step, as the HF Trainer does: a world-wide collective
+        # while one replica may have skipped its forward (ZeRO-3's own checks must not hang on it).
+        logged = torch.tensor([loss_value if loss_value is not None else 0.0, float(loss_value is not None)])
+        dist.all_reduce(logged)
         record["kinds"].append(kind.value)
         record["losses"].append(loss_value)
         owned = [t_ for g in algo.adapter.owned_groups() for t_ in g.tensors]
