@@ -73,7 +73,10 @@ class PALSGDAccelerate:
         accelerator: the loop's ``Accelerator`` (its process group must be up, which
             ``Accelerator()`` does).
         config: the algorithm's settings; ``None`` leaves the loop as it is (plain DDP).
-        comm_timeout: timeout of PALSGD's own collectives (default: the process group's).
+        comm_timeout: timeout of every collective of the loop: PALSGD's own groups and the default
+            group, which carries PALSGD's syncs when every rank is a worker and DDP's all-reduce
+            (default: the process group's, ``InitProcessGroupKwargs(timeout=...)``). A rank that
+            dies or hangs then makes the others fail within it instead of torch's 30 minutes.
     """
 
     def __init__(self, accelerator, config: Optional[PALSGDConfig], *, comm_timeout: Optional[timedelta] = None):
@@ -113,6 +116,10 @@ class PALSGDAccelerate:
                 "accelerator.backward); use PALSGDTrainer with deepspeed=..., or DDP (no --use_deepspeed)."
             )
         self._model = model
+        if self.comm_timeout is not None:
+            from ..reliability import apply_collective_timeout
+
+            apply_collective_timeout(self.comm_timeout)  # with one rank per worker, the syncs use the default group
         self.algorithm = build_algorithm(model, optimizer, self.config, comm_timeout=self.comm_timeout)
         self.optimizer = _AccumulationAwareOptimizer(optimizer, self.algorithm, self.accelerator)
         self.accelerator.register_save_state_pre_hook(self._save_hook)

@@ -24,19 +24,25 @@ the arguments are not :class:`PALSGDTrainingArguments`. The hooks, in the order 
 * ``evaluation_loop``: runs on the global model (the anchor) unless ``palsgd_eval_on='local'``.
 * ``save_model``: always writes the global model; ``_finalize_training`` first syncs a last time.
 * ``_save_optimizer_and_scheduler``: every rank writes ``palsgd_rank{R}.pt`` (checkpoint.py).
+* Reliability (palsgd_hf/reliability.py): ``train`` resumes only from a complete checkpoint
+  (``resume_from_checkpoint=True`` skips ones a crash left half-written) and turns a collective that
+  failed because another rank died or hung into a :class:`WorkerFaultError` naming the checkpoint to
+  resume from; ``_prepare_for_training`` puts one collective timeout on every group;
+  ``_save_rng_state`` ends with a barrier, so that ``trainer_state.json`` (written next, by rank 0)
+  marks a checkpoint whose every file is complete.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from datetime import timedelta
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 from transformers import Trainer
 
+from .. import reliability
 from ..config import PALSGDConfig
 from ..core.algorithm import PALSGD, StepKind
 from ..core.optimizer import PALSGDOptimizer
@@ -59,12 +65,28 @@ class PALSGDTrainerMixin:
         self._palsgd_peak_c: Optional[float] = None  # logged once, with the first training log
 
     # ------------------------------------------------------------------ set-up and resume
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        # ---- reliability: resume from complete checkpoints only; a dead or hung peer gets a clear error
+        resume = reliability.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        try:
+            return super().train(resume, *args, **kwargs)
+        except RuntimeError as err:
+            if not reliability.is_worker_fault(err) or not (dist.is_available() and dist.is_initialized()):
+                raise
+            message = reliability.worker_fault_message(
+                err, rank=self.args.process_index, step=self.state.global_step,
+                timeout=reliability.collective_timeout(self.args), output_dir=self.args.output_dir,
+            )
+            logger.error(message)
+            raise reliability.WorkerFaultError(message) from err
+
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         if isinstance(self.optimizer, PALSGDOptimizer):
             # A second train() call: hand the Trainer back the optimizer it created, as stock.
             self.optimizer = self.optimizer.optimizer
-        timeout = getattr(self.args, "palsgd_comm_timeout_seconds", None)
-        timeout = timedelta(seconds=timeout) if timeout else None
+        # ---- reliability: one timeout for every collective (PALSGD's groups and the default group)
+        timeout = reliability.collective_timeout(self.args)
+        reliability.apply_collective_timeout(timeout)
         if self.is_deepspeed_enabled:
             # ---- DeepSpeed ZeRO (palsgd_hf/adapters/deepspeed*.py): accelerate's deepspeed.initialize shards
             # within each replica of palsgd_shard_size ranks; the engine steps PALSGD inside backward, and
@@ -142,6 +164,13 @@ class PALSGDTrainerMixin:
         )
         # Rank 0 writes trainer_state.json next, which marks the checkpoint complete: every rank's file first.
         if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        # ---- reliability: every rank's rng_state_{R}.pth is written after the barrier above; wait for them too,
+        # so that rank 0's trainer_state.json, written right after this, is the last file of a checkpoint.
+        if self.palsgd is not None and dist.is_available() and dist.is_initialized():
             dist.barrier()
 
     # ------------------------------------------------------------------ the step
@@ -282,7 +311,7 @@ def resolve_palsgd_config(args: Any, palsgd_config: Optional[PALSGDConfig]) -> P
 _HOOKS = (
     "_prepare_for_training", "get_batch_samples", "_get_num_items_in_batch", "training_step", "_clip_grad_norm",
     "_get_grad_norm", "_maybe_log_save_evaluate", "_finalize_training", "_save_optimizer_and_scheduler",
-    "evaluation_loop", "save_model", "log", "floating_point_ops",
+    "evaluation_loop", "save_model", "log", "floating_point_ops", "_save_rng_state", "train",
 )
 
 

@@ -85,7 +85,10 @@ class PALSGDTrainingArguments(TrainingArguments):
     )
     palsgd_comm_timeout_seconds: Optional[float] = field(
         default=None,
-        metadata={"help": "Timeout of PALSGD's process groups and collectives, in seconds (default: torch's)."},
+        metadata={"help": "Timeout of every collective while training (PALSGD's syncs, DDP's warm-up all-reduce, the "
+                  "Trainer's own), in seconds: if a rank dies or hangs, the others fail with a clear error within it. "
+                  "Default: ddp_timeout (which transformers itself applies on GPUs only). Keep it above the longest "
+                  "legitimate wait between ranks (a checkpoint save, an evaluation on rank 0)."},
     )
 
     def __post_init__(self) -> None:
@@ -122,7 +125,14 @@ def check_trainer_options(args: Any) -> None:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise PALSGDConfigError(
             f"palsgd_comm_timeout_seconds={timeout!r} must be a positive number of seconds; leave it unset for "
-            "torch's default."
+            "ddp_timeout."
+        )
+    # ---- reliability: ddp_timeout is the collective timeout when palsgd_comm_timeout_seconds is unset
+    ddp_timeout = getattr(args, "ddp_timeout", 1800)
+    if timeout is None and (isinstance(ddp_timeout, bool) or not isinstance(ddp_timeout, (int, float)) or ddp_timeout <= 0):
+        raise PALSGDConfigError(
+            f"ddp_timeout={ddp_timeout!r} must be a positive number of seconds: it is the timeout of every collective "
+            "(PALSGD's syncs too) when palsgd_comm_timeout_seconds is unset; use e.g. 600, or leave the default 1800."
         )
 
 
