@@ -6,9 +6,9 @@ the same data: each reference process gets the concatenation of the micro-batche
 ranks of its replica get. Same model init, coins, AdamW, clipping and LR schedule, so the
 trajectories must agree to float32 round-off (bf16: to bf16 precision).
 
-Default suite: ZeRO-3 as 2 replicas x 2 shards (the stage with the most machinery) and its
-resume, ZeRO-2 with S = 1, the refusals. The rest of the stage x layout matrix, the other
-stages' resume and bf16 are marked slow.
+Default suite: ZeRO-3 as 2 replicas x 2 shards (the stage with the most machinery), bf16 ZeRO-2
+with S = 1, the refusals (ZeRO-3 resume runs through the Trainer, test_deepspeed_trainer.py).
+The rest of the stage x layout x precision matrix and the raw-loop resume tests are slow.
 """
 
 from __future__ import annotations
@@ -104,13 +104,14 @@ def check_against_reference(ds: list, ref: list, shards: int, atol: float) -> No
     assert ds_sync * shards == pytest.approx(ref_sync, rel=0.01)
 
 
+SLOW = pytest.mark.slow
 STAGE_LAYOUTS = [
     pytest.param(3, 2, id="zero3-2x2"),
-    pytest.param(2, 1, id="zero2-S1"),
-    pytest.param(1, 2, id="zero1-2x2", marks=pytest.mark.slow),
-    pytest.param(2, 2, id="zero2-2x2", marks=pytest.mark.slow),
-    pytest.param(1, 1, id="zero1-S1", marks=pytest.mark.slow),
-    pytest.param(3, 1, id="zero3-S1", marks=pytest.mark.slow),
+    pytest.param(1, 2, id="zero1-2x2", marks=SLOW),
+    pytest.param(2, 2, id="zero2-2x2", marks=SLOW),
+    pytest.param(1, 1, id="zero1-S1", marks=SLOW),
+    pytest.param(2, 1, id="zero2-S1", marks=SLOW),
+    pytest.param(3, 1, id="zero3-S1", marks=SLOW),
 ]
 
 
@@ -120,15 +121,21 @@ def test_zero_matches_unsharded_path(full_run, reference, stage, shards):
     check_against_reference(ds, reference(shards), shards, atol=5e-6)
 
 
+@pytest.mark.parametrize("stage,shards", [
+    pytest.param(2, 1, id="zero2-S1"),
+    pytest.param(2, 2, id="zero2-2x2", marks=SLOW),
+    pytest.param(3, 2, id="zero3-2x2", marks=SLOW),
+])
+def test_bf16_follows_fp32_reference(tmp_path, reference, stage, shards):
+    ds = run_ds(tmp_path, stage, shards, "--bf16")
+    # The full weights are bf16 copies of the fp32 masters: equal to ~2^-8 relative. Everything else
+    # (coins, LR, sync equality, bytes) is checked exactly.
+    check_against_reference(ds, reference(shards), shards, atol=2e-2)
+
+
+# ZeRO-3 resume in the default suite runs through the Trainer (test_deepspeed_trainer.py).
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_bf16_follows_fp32_reference(tmp_path, reference, stage):
-    ds = run_ds(tmp_path, stage, 2, "--bf16")
-    # The full weights are bf16 copies of the fp32 masters: equal to ~2^-8 relative.
-    check_against_reference(ds, reference(2), 2, atol=2e-2)
-
-
-@pytest.mark.parametrize("stage", [3, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_resume_is_exact(tmp_path, full_run, stage):
     full = full_run(stage, 2)
     run_ds(tmp_path / "saved", stage, 2, "--save-at", "7")  # step 7: between two syncs, replicas differ
@@ -137,6 +144,8 @@ def test_resume_is_exact(tmp_path, full_run, stage):
     for replica in ("replica_0", "replica_1"):  # one ZeRO file set per replica: no overwriting
         names = sorted(p.name for p in (ckpt / replica / "global_step7").iterdir())
         assert len([n for n in names if "optim_states" in n]) == 2, names
+    # The resumed loop logs a world-wide mean loss every step while one replica may skip its forward:
+    # ZeRO-3 re-records its fetch trace after a restart, and its checks must stay within the replica.
     resumed = run_ds(tmp_path / "resumed", stage, 2, "--resume", str(ckpt))
     for a, b in zip(full, resumed):
         assert b["start"] == 7
