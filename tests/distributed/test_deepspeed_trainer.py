@@ -10,10 +10,15 @@ ones where only one replica computes, while the Trainer logs through world-wide 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from tests.helpers.launch import torchrun
+from tests.helpers.launch import SCRIPTS, torchrun
 
 STEPS, H, WARMUP = 16, 4, 3
 TIMEOUT = 420
@@ -89,3 +94,30 @@ def test_zero3_trainer_resume_between_syncs_is_exact(zero3, tmp_path):
         assert b["final"] == a["final"]
         assert losses(b, after=6) == losses(a, after=6) and len(losses(a, after=6)) >= 5
         assert b["metrics"]["outer_syncs"] == a["metrics"]["outer_syncs"]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_use_deepspeed_recipe(tmp_path):
+    """`accelerate launch --use_deepspeed --deepspeed_config_file recipes/deepspeed/zero2.json` (S = 1).
+
+    On CPU accelerate alone would count one process; use_cpu=True makes the Trainer create
+    PartialState(cpu=True) first, which is the documented work-around (on GPUs nothing is needed).
+    """
+    recipe = SCRIPTS.parents[2] / "recipes" / "deepspeed" / "zero2.json"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file", str(recipe),
+        "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0",
+        str(SCRIPTS / "ds_trainer_run.py"), "--out", str(tmp_path), "--run-dir", str(tmp_path / "run"),
+        "--steps", str(STEPS), "--H", str(H), "--warmup", str(WARMUP), "--stage", "2", "--from-launcher",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PALSGD_TEST_DUMP_AFTER": str(TIMEOUT - 60)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["replica"] for r in res] == [0, 1] and kinds(res[0]) != kinds(res[1])
+    for r in res:
+        assert r["engine_global_steps"] == r["global_step"] == STEPS
+        assert r["saved_max_diff"] == 0.0
+    for (s, a), (_, b) in zip(res[0]["synced"], res[1]["synced"]):
+        assert a == b, f"replicas differ right after the sync at step {s}"
+    assert res[0]["final"] == res[1]["final"]

@@ -47,6 +47,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--save-steps", type=int, default=0)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--from-launcher", action="store_true",
+                    help="DeepSpeed set by `accelerate launch --use_deepspeed --deepspeed_config_file ...`, not deepspeed=")
     return ap.parse_args()
 
 
@@ -112,7 +114,8 @@ def main() -> None:
         learning_rate=args.lr, lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, report_to="none",
         seed=0, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         train_sampling_strategy="sequential", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
-        bf16=args.bf16, deepspeed=str(RECIPES / f"zero{args.stage}.json") if args.stage else None,
+        bf16=args.bf16,
+        deepspeed=str(RECIPES / f"zero{args.stage}.json") if args.stage and not args.from_launcher else None,
         palsgd_sync_interval=args.H, palsgd_pseudo_sync_prob=args.p, palsgd_warmup_steps=args.warmup,
         palsgd_mixing_rate=1.0, palsgd_shard_size=args.shard_size if args.stage else 1,
     )
