@@ -38,7 +38,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--run-dir", required=True, help="the Trainer's output_dir")
     ap.add_argument("--stage", type=int, default=2, help="ZeRO stage; 0 = no DeepSpeed (DDP)")
     ap.add_argument("--shard-size", type=int, default=1)
-    ap.add_argument("--bs", type=int, default=2, help="blocks per rank and step")
+    ap.add_argument("--bs", type=int, default=2, help="blocks per rank and micro-batch")
+    ap.add_argument("--ga", type=int, default=1, help="gradient accumulation steps")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--H", type=int, default=4)
     ap.add_argument("--p", type=float, default=0.25)
@@ -111,6 +112,7 @@ def main() -> None:
     model = build_causal_lm(tokenizer=tokenizer, seed=0)
     training_args = PALSGDTrainingArguments(
         output_dir=args.run_dir, max_steps=args.steps, per_device_train_batch_size=args.bs,
+        gradient_accumulation_steps=args.ga,
         learning_rate=args.lr, lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, report_to="none",
         seed=0, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         train_sampling_strategy="sequential", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
@@ -124,7 +126,7 @@ def main() -> None:
     with training_args.main_process_first():
         train, val = build_lm_datasets(
             tokenizer, train_files=corpus.train_files[:4], validation_files=corpus.validation_files[:1],
-            block_size=BLOCK, max_train_samples=args.bs * world * (args.steps + 2), max_eval_samples=16,
+            block_size=BLOCK, max_train_samples=args.bs * args.ga * world * (args.steps + 2), max_eval_samples=16,
         )
     recorder = Recorder(args)
     trainer = PALSGDTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=val, callbacks=[recorder])
