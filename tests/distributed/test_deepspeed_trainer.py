@@ -121,3 +121,19 @@ def test_accelerate_launch_use_deepspeed_recipe(tmp_path):
     for (s, a), (_, b) in zip(res[0]["synced"], res[1]["synced"]):
         assert a == b, f"replicas differ right after the sync at step {s}"
     assert res[0]["final"] == res[1]["final"]
+
+
+@pytest.mark.slow
+def test_zero2_trainer_gradient_accumulation(tmp_path):
+    """Two micro-batches per optimizer step: accelerate steps the engine once per optimizer step, and a
+    pseudo-sync step (no backward at all) still takes exactly one engine step at its boundary."""
+    res = trainer_run(tmp_path, 4, "--stage", "2", "--shard-size", "2", "--bs", "1", "--ga", "2")
+    for r in res:
+        assert r["global_step"] == r["engine_global_steps"] == STEPS
+        assert kinds(r) == kinds(res[2 * r["replica"]])
+        sent = [0] + [x["peer_bytes"] for x in r["rows"]]
+        for s in range(WARMUP + 1, STEPS + 1):
+            assert sent[s] - sent[s - 1] == (4 * r["owned_numel"] if s % H == 0 else 0), (r["rank"], s)
+    assert "pseudo_syncs" in kinds(res[0]) and kinds(res[0]) != kinds(res[2])
+    for i, (s, _) in enumerate(res[0]["synced"]):
+        assert all(r["synced"][i][1] == res[0]["synced"][i][1] for r in res), f"replicas differ after the sync at {s}"
