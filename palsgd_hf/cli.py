@@ -14,7 +14,6 @@ with one line on stderr and exit code 2, before any process starts.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -39,8 +38,9 @@ def report_user_errors(prog: str = "palsgd-hf") -> Iterator[_Status]:
     try:
         yield status
     except (RecipeError, LaunchError, PALSGDConfigError) as err:
-        if int(os.environ.get("RANK", "0")) == 0:  # one line per job, not one per rank
-            print(f"{prog}: error: {err}", file=sys.stderr)
+        # Every rank of a launched job prints it: the first rank to exit makes torchrun stop the others,
+        # so rank 0 alone would often be killed before its line got out (the user saw no reason at all).
+        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         status.code = 2
 
 
@@ -68,6 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _train(argv: list[str]) -> int:
     from .launch import build_command, check_hardware, format_command, in_launched_process, launch_env
+    from .recipe_sources import check_sources
     from .recipes import load_recipe
 
     if not argv or argv[0].startswith("-"):
@@ -83,6 +84,7 @@ def _train(argv: list[str]) -> int:
     with report_user_errors("palsgd-hf train") as status:
         recipe = load_recipe(entry_args[0], entry_args[1:])  # everything checked before any process starts
         check_hardware(recipe)
+        check_sources(recipe)  # a missing tokenizer/model/dataset: found here, not by every launched rank
         if recipe.launch.num_processes == 1 and not dry_run:
             from .train import main as train_main
 

@@ -248,6 +248,9 @@ def _build(source: str, locator: _Locator, raw: dict[str, Any]) -> Recipe:
             if key in ("train_files", "validation_files") and isinstance(value, str):
                 value = [value]  # one file needs no list brackets
             spec_kw[key] = coerce(key, value, spec_fields[key])
+        elif key == "resume_from_checkpoint" and isinstance(value, bool):
+            # `--resume_from_checkpoint true`: the last complete checkpoint in output_dir (reliability.py)
+            training[key] = "true" if value else None
         else:
             training[key] = coerce(key, value, training_fields[key])
     launch_raw = raw.get("launch") or {}

@@ -39,7 +39,8 @@ COMPLETE_MARKER = "trainer_state.json"  # written last, by rank 0, after every r
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # What gloo / NCCL say when a peer is gone or silent (the c10d Dist*Error types are checked first).
 _FAULT_RE = re.compile(
-    r"gloo/|ProcessGroup(Gloo|NCCL)|NCCL|Connection closed by peer|Connection reset by peer|Timed out waiting|Broken pipe"
+    r"gloo/|ProcessGroup(Gloo|NCCL)|NCCL|Connection closed by peer|Connection reset by peer|Timed out waiting|"
+    r"Broken pipe"
 )
 
 
@@ -125,10 +126,14 @@ def last_complete_checkpoint(output_dir: Union[str, os.PathLike]) -> Optional[st
 def resolve_resume(resume_from_checkpoint: Union[str, bool, None], output_dir: str) -> Optional[str]:
     """The checkpoint ``train(resume_from_checkpoint=...)`` should read; refuses incomplete ones.
 
-    ``True`` means the last complete checkpoint in ``output_dir``; a path must be complete.
+    ``True`` (or the string ``"true"``/``"last"``, as a command line gives it, when no such directory
+    exists) means the last complete checkpoint in ``output_dir``; a path must be complete.
     """
     if resume_from_checkpoint is None or resume_from_checkpoint is False:
         return None
+    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "last"):
+        if not os.path.isdir(resume_from_checkpoint):
+            resume_from_checkpoint = True
     if resume_from_checkpoint is True:
         last = last_complete_checkpoint(output_dir)
         if last is None:

@@ -160,6 +160,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m palsgd_hf.train RECIPE [--key value ...]``; user errors exit 2 with one line."""
     from .cli import report_user_errors
+    from .recipe_sources import check_sources
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -173,6 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with report_user_errors("palsgd_hf.train") as status:
         # The TrainingArguments are checked when run() builds them, once, in the real world size.
         recipe = load_recipe(argv[0], argv[1:], check_training=False)
+        check_sources(recipe)
         run(recipe)
         # Only after success: a rank that failed exits at once, and torchrun stops the others.
         if dist.is_available() and dist.is_initialized():

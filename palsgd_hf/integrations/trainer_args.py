@@ -129,7 +129,8 @@ def check_trainer_options(args: Any) -> None:
         )
     # ---- reliability: ddp_timeout is the collective timeout when palsgd_comm_timeout_seconds is unset
     ddp_timeout = getattr(args, "ddp_timeout", 1800)
-    if timeout is None and (isinstance(ddp_timeout, bool) or not isinstance(ddp_timeout, (int, float)) or ddp_timeout <= 0):
+    bad_ddp_timeout = isinstance(ddp_timeout, bool) or not isinstance(ddp_timeout, (int, float)) or ddp_timeout <= 0
+    if timeout is None and bad_ddp_timeout:
         raise PALSGDConfigError(
             f"ddp_timeout={ddp_timeout!r} must be a positive number of seconds: it is the timeout of every collective "
             "(PALSGD's syncs too) when palsgd_comm_timeout_seconds is unset; use e.g. 600, or leave the default 1800."

@@ -61,6 +61,12 @@ def test_last_complete_checkpoint_skips_what_a_crash_left(tmp_path):
     assert reliability.resolve_resume(True, str(tmp_path)) == str(good)
     assert reliability.resolve_resume(str(good), str(tmp_path)) == str(good)
     assert reliability.resolve_resume(None, str(tmp_path)) is None
+    # As the command line gives it: `--resume_from_checkpoint true` reaches the Trainer as the string "true".
+    from palsgd_hf.recipes import load_recipe
+
+    assert load_recipe("recipes/shakespeare-tiny/palsgd.yaml", ["--resume_from_checkpoint", "true"]).training[
+        "resume_from_checkpoint"] == "true"
+    assert reliability.resolve_resume("true", str(tmp_path)) == str(good)
     with pytest.raises(ValueError, match=r"checkpoint-30' is incomplete.*resume from .*checkpoint-5 "):
         reliability.resolve_resume(str(tmp_path / "checkpoint-30"), str(tmp_path))
     empty = tmp_path / "empty"
