@@ -61,14 +61,20 @@ class RunRecorder(TrainerCallback):
 def run(recipe: Recipe) -> dict[str, Any]:
     """Train one recipe in this process (one rank of the job); return the result (rank 0 writes it)."""
     from .data import build_lm_datasets, load_tokenizer, shakespeare_corpus
+    from .integrations.accelerate import cpu_only
     from .integrations.trainer import PALSGDTrainer
-    from .models import build_causal_lm
 
     began = time.perf_counter()
     check_world(recipe.launch.num_processes)
-    args = recipe.training_arguments()
     spec = recipe.spec
     tokenizer = load_tokenizer(spec.tokenizer)
+    model = None
+    if cpu_only():
+        # Before the TrainingArguments exist: with a ZeRO-3 config they make transformers build the
+        # model inside deepspeed.zero.Init, whose world (DeepSpeed's comm, not initialized under
+        # use_cpu) has one rank, and the batch-size check fails. ZeRO-3 partitions it later instead.
+        model = _build_model(spec, tokenizer, recipe.training.get("seed", 42))
+    args = recipe.training_arguments()
     data: dict[str, Any] = {}
     if spec.dataset == "shakespeare":
         corpus = shakespeare_corpus()
@@ -83,9 +89,8 @@ def run(recipe: Recipe) -> dict[str, Any]:
             max_train_samples=spec.max_train_samples, max_eval_samples=spec.max_eval_samples,
             validation_split_percentage=spec.validation_split_percentage,
         )
-    model = build_causal_lm(
-        spec.model, spec.model_config, tokenizer=tokenizer, seed=args.seed, preset=spec.model_preset or "tiny"
-    )
+    if model is None:
+        model = _build_model(spec, tokenizer, args.seed)  # on GPUs, inside zero.Init under ZeRO-3
     recorder = RunRecorder()
     trainer = PALSGDTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -102,6 +107,13 @@ def run(recipe: Recipe) -> dict[str, Any]:
         _write_json(Path(args.output_dir) / "recipe.json", {"source": recipe.source, **recipe.to_dict()})
         logger.info("Result written to %s", Path(args.output_dir) / RESULT_FILE)
     return result
+
+
+def _build_model(spec, tokenizer, seed: int):
+    from .models import build_causal_lm
+
+    return build_causal_lm(spec.model, spec.model_config, tokenizer=tokenizer, seed=seed,
+                           preset=spec.model_preset or "tiny")
 
 
 def _result(recipe, args, trainer, output, final, recorder, block_size, began) -> dict[str, Any]:
