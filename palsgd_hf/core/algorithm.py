@@ -24,7 +24,8 @@ Phases of one optimizer step t (t counts every step, of all kinds, from 0):
    finalize() applies an update in flight, then runs one last blocking sync; global_weights()
    during the wait gives the old anchor (the latest complete global model); state_dict() waits
    for the collective in flight and saves the exchange so that a resumed run applies it at the
-   same step.
+   same step. Memory: x_launch is one more fp32 copy of the owned tensors (on the anchor's
+   device), and the flat pseudo-gradient buffer lives for d steps instead of an instant.
 
 The anchor x_bar is created when the first local step starts (workers are made identical then by
 a broadcast from replica 0) and is refreshed only at global syncs: it is deliberately stale.
