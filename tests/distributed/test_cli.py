@@ -106,3 +106,21 @@ def test_train_through_accelerate_launch(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["global_steps"] == 12
     assert all(r["outer_syncs"] == 2 for r in result["palsgd_per_rank"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_train_zero_recipe_two_workers_of_two_ranks(tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "run"
+    proc = run_cli("train", f"recipes/shakespeare-tiny/palsgd_zero{stage}.yaml", *SMALL, "--output_dir", str(out),
+                   timeout=580)
+    check(proc)
+    result = json.loads((out / "result.json").read_text())
+    ranks = result["palsgd_per_rank"]
+    assert result["world_size"] == 4 and len(ranks) == 4
+    # ranks 0,1 shard worker 0 and 2,3 worker 1: one coin per worker, syncs everywhere
+    assert ranks[0]["pseudo_syncs"] == ranks[1]["pseudo_syncs"] and ranks[2]["pseudo_syncs"] == ranks[3]["pseudo_syncs"]
+    assert all(r["outer_syncs"] == 2 for r in ranks)
+    assert 0 < result["final_eval_loss"] < math.log(2048)
