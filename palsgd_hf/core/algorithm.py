@@ -265,6 +265,14 @@ class PALSGD:
 
     def _skip_sync(self) -> None:
         # Every peer saw the same averaged NaN/inf, so all skip together: no extra round.
+        if not self._all_finite(*self._anchor.tensors):
+            # Returning to the anchor only helps if the anchor is good. It is not when the run diverged
+            # before the local phase (or an outer step overflowed): every later sync would be skipped.
+            raise FloatingPointError(
+                f"PALSGD step {self.step}: the global model (anchor) itself is non-finite, so there is no good "
+                "state to return to (the run diverged before the local phase, or an outer step overflowed); "
+                "resume from the last checkpoint with a lower learning_rate or outer_lr."
+            )
         self.counters["skipped_syncs"] += 1
         # The worker that diverged has non-finite inner-optimizer moments too; without this,
         # its next step would turn the restored weights non-finite again.
@@ -276,8 +284,9 @@ class PALSGD:
             "good anchor (skipped_syncs=%d)", self.step, self.counters["skipped_syncs"],
         )
 
-    def _all_finite(self, flat: torch.Tensor) -> bool:
-        bad = torch.tensor([0.0 if bool(torch.isfinite(flat).all()) else 1.0])
+    def _all_finite(self, *tensors: torch.Tensor) -> bool:
+        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+        bad = torch.tensor([0.0 if finite else 1.0])
         if self.replica.size > 1:
             # Shards of one replica must agree, or half a model would be updated.
             self.replica.all_reduce_max(bad)

@@ -121,3 +121,15 @@ def test_lr_is_scaled_only_during_the_gradient_step():
     train(model, opt, 0, 0, 12)
     assert seen and all(math.isclose(lr, 0.04 / 0.75) for lr in seen)
     assert inner.param_groups[0]["lr"] == 0.04
+
+
+def test_nonfinite_anchor_is_an_error_not_an_endless_skip():
+    # Weights already non-finite when the local phase starts: the anchor is non-finite too, and
+    # "return to the last good anchor" has nothing to return to.
+    cfg = PALSGDConfig(sync_interval=2, pseudo_sync_prob=0.2, warmup_steps=1)
+    model, _, opt = make(0, None, cfg)
+    train(model, opt, 0, 0, 1)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="the global model \\(anchor\\) itself is non-finite"):
+        train(model, opt, 0, 1, 8)
