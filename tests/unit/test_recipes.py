@@ -171,6 +171,8 @@ def test_cli_user_errors_are_one_line_and_exit_2(capsys):
     assert len(err) == 1 and err[0].startswith("palsgd-hf train: error:") and "learning_rate" in err[0]
     assert cli.main(["frobnicate"]) == 2
     assert cli.main(["check", "recipes/nope.yaml"]) == 2
+    assert cli.main(["check", "recipes/accelerate/ddp.yaml", "recipes/shakespeare-tiny/ddp.yaml"]) == 0
+    assert "skip recipes/accelerate/ddp.yaml: an accelerate launch config" in capsys.readouterr().out
 
 
 def test_cli_dry_run_prints_the_launch_command(capsys):
