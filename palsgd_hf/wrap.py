@@ -8,8 +8,11 @@
     optimizer.algorithm.finalize()        # every worker now holds the global model
 
 It lays out replicas and shards from the running ``torch.distributed`` job, creates the peer and
-replica process groups, picks the adapter for the model's backend (plain module, DDP, or a
-DeepSpeed engine, imported lazily) and returns a :class:`PALSGDOptimizer`.
+replica process groups, picks the adapter for the model's backend (plain module or DDP; a
+DeepSpeed engine is handed to ``palsgd_hf.adapters.deepspeed.attach``, imported lazily, which
+reuses the engine's replica groups) and returns a :class:`PALSGDOptimizer`. In a hand-written
+DeepSpeed loop, use ``palsgd_hf.adapters.deepspeed.initialize`` and call ``engine.step()`` on
+every step instead.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ def build_algorithm(
     comm_timeout: Optional[timedelta] = None,
 ) -> PALSGD:
     """The PALSGD state machine for this rank, wired to its process groups and backend adapter."""
+    if adapter is None and _is_deepspeed_engine(model):
+        # ZeRO's groups come from the engine's mpu, and the adapter must be bound to the engine's step.
+        from .adapters.deepspeed import attach  # lazy: deepspeed is an optional extra
+
+        return attach(model, config, comm_timeout=comm_timeout)
     topology = Topology.from_environment(config.shard_size)
     groups = build_process_groups(topology, comm_timeout)
     distributed = topology.world_size > 1
@@ -50,12 +58,12 @@ def build_algorithm(
 
 
 def build_adapter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, comm: Communicator):
-    """The adapter for the model's backend."""
-    if type(model).__name__ == "DeepSpeedEngine":
-        from .adapters.deepspeed import DeepSpeedAdapter  # lazy: deepspeed is an optional extra
-
-        return DeepSpeedAdapter(model, comm)
+    """The adapter for a plain module or DDP (DeepSpeed engines go through ``adapters.deepspeed.attach``)."""
     return ModuleAdapter(model, optimizer, comm)
+
+
+def _is_deepspeed_engine(model: torch.nn.Module) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
 
 
 def wrap_optimizer(
