@@ -124,8 +124,10 @@ class PALSGD:
                     self._start_local_phase()
                 coin = torch.rand((), generator=self._generator).item()
                 kind = StepKind.PSEUDO_SYNC if coin < self.config.pseudo_sync_prob else StepKind.GRADIENT
-            self._set_gradient_sync(kind is StepKind.WARMUP)
             self._kind = kind
+        # Outside the draw: after load_state_dict the kind may come cached from the checkpoint, and the
+        # backend's sync switch (not part of any state) must still be applied. A no-op when unchanged.
+        self._set_gradient_sync(self._kind is StepKind.WARMUP)
         return self._kind
 
     def optimizer_step(self, inner_step: Callable[[], Any]) -> StepKind:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -152,7 +153,9 @@ def check_training_args(config: PALSGDConfig, args: TrainingArguments) -> None:
             f"optim={_optimizer_name(args.optim).value!r} updates parameters inside backward, so PALSGD cannot "
             "scale or skip its step; use an optimizer with a step(), e.g. optim='adamw_torch'."
         )
-    if config.shard_size > 1 and not args.deepspeed:
+    # `accelerate launch --use_deepspeed` passes its DeepSpeed config through the environment, not `deepspeed=`.
+    deepspeed_from_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if config.shard_size > 1 and not args.deepspeed and not deepspeed_from_launcher:
         raise PALSGDConfigError(
             f"palsgd_shard_size={config.shard_size} needs DeepSpeed ZeRO to shard each worker's model copy, but "
             "deepspeed is not set; pass deepspeed=<ZeRO config> or use palsgd_shard_size=1."
