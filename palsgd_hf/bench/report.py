@@ -51,8 +51,8 @@ def markdown_table(bench: dict[str, Any]) -> str:
     s = bench["settings"]
     lines = [
         "| link | method | steps | train s | s/step | time to target s | ×DDP | ×DiLoCo | final eval loss "
-        "| loss at DDP's tokens | vs DDP | MB sent/step | ×DDP bytes (local phase) | comm s blocked | s/step added by the link |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| loss at DDP's tokens | vs DDP | MB sent/step | ×DDP bytes (local phase) | comm s blocked | s/step added by the link | load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, link in bench["links"].items():
         probe = (link.get("probe") or {}).get("fit")
@@ -68,7 +68,7 @@ def markdown_table(bench: dict[str, Any]) -> str:
                 f"{r['bytes_per_step'] / 1e6:.3f} | {_fmt(r['bytes_per_step_vs_ddp'], '.4f')} "
                 f"({_fmt(r['local_bytes_per_step_vs_ddp'], '.4f')}) | "
                 f"{'in backward' if m == 'ddp' else format(r['comm_seconds'], '.1f')} | "
-                f"{_fmt(r['extra_seconds_per_step'], '+.3f')} |"
+                f"{_fmt(r['extra_seconds_per_step'], '+.3f')} | {_load(link['runs'][m])} |"
             )
     lines.append("")
     lines.append(
@@ -77,7 +77,9 @@ def markdown_table(bench: dict[str, Any]) -> str:
         "Times are training wall time, evaluation excluded. Bytes: payload this rank (rank 0) sent in "
         "collectives, counted by the communicator; '(local phase)' excludes the synchronous warm-up steps. "
         "'comm s blocked': time blocked in PALSGD's own collectives (DDP's all-reduce runs inside backward and "
-        "is not timed there); 's/step added by the link': seconds per step minus the same method's unshaped run."
+        "is not timed there); 's/step added by the link': seconds per step minus the same method's unshaped run; "
+        "'load avg': the machine's 1-minute load average before and after the run (wall times compare only at "
+        "similar load)."
     )
     for label, link in bench["links"].items():
         targets = link.get("targets") or {}
@@ -86,6 +88,11 @@ def markdown_table(bench: dict[str, Any]) -> str:
             lines.append(f"Targets on {label}: " + "; ".join(
                 f"{name}: {'n/a' if ok is None else ('met' if ok else 'MISSED')}" for name, ok in targets.items()))
     return "\n".join(lines)
+
+
+def _load(run: dict[str, Any]) -> str:
+    load = run.get("load_average") or []
+    return "–".join(f"{x:.1f}" for x in load if x is not None) or "n/a"
 
 
 def overhead_table(overhead: dict[str, Any]) -> str:
