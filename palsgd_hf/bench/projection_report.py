@@ -3,9 +3,9 @@
 With a benchmark's ``results.json`` the projection takes PALSGD's measured own work per step
 (``overhead.own_work_ratio``) and the measured steps each method needed to reach DDP's loss on the
 shaped link (relative to DDP's), and it first checks the model on the benchmark itself: the
-measured compute time per step (the unshaped link's Local SGD step, which communicates almost
-nothing) plus the measured link (probe fit) predict each method's time per step on the shaped
-link, side by side with what was measured.
+measured compute time per step (the overhead micro-benchmark's plain step, one process, one
+thread; else the unshaped link's Local SGD step) plus the measured link (probe fit) predict each
+method's time per step on the shaped link, side by side with what was measured.
 """
 
 from __future__ import annotations
@@ -48,22 +48,25 @@ def _shaped_link(bench: dict[str, Any]) -> Optional[tuple[str, dict]]:
 def model_check(bench: dict[str, Any]) -> Optional[dict[str, Any]]:
     """Predicted vs measured seconds per step on the shaped link of a benchmark."""
     shaped = _shaped_link(bench)
-    unshaped = bench["links"].get("unshaped")
-    if shaped is None or unshaped is None or "localsgd" not in unshaped["summary"]:
+    overhead = bench.get("overhead") or {}
+    params = overhead.get("settings", {}).get("parameters")
+    if shaped is None or params is None or not (shaped[1].get("probe") or {}).get("fit"):
         return None
     label, link = shaped
-    if not (link.get("probe") or {}).get("fit"):
-        return None
     s = bench["settings"]
-    compute = unshaped["summary"]["localsgd"]["seconds_per_step"]
-    params = (bench.get("overhead") or {}).get("settings", {}).get("parameters")
-    if params is None:
+    unshaped = bench["links"].get("unshaped", {}).get("summary", {})
+    if overhead.get("plain_step_s"):
+        compute, source = overhead["plain_step_s"], "plain step of the overhead micro-benchmark"
+    elif "localsgd" in unshaped:
+        compute, source = unshaped["localsgd"]["seconds_per_step"], "unshaped Local SGD step"
+    else:
         return None
     own = (bench.get("overhead") or {}).get("own_work_ratio", 0.0)
     predicted = validate(compute, link["probe"]["fit"], s["workers"], params, s["sync_interval"],
                          s["pseudo_sync_prob"], own)
     measured = {m: row["seconds_per_step"] for m, row in link["summary"].items()}
-    return {"link": label, "compute_s": compute, "predicted": predicted, "measured": measured}
+    return {"link": label, "compute_s": compute, "compute_source": source, "predicted": predicted,
+            "measured": measured}
 
 
 def _check_table(check: dict[str, Any]) -> str:
@@ -107,7 +110,8 @@ def write_projection(out: Path, results: Optional[Path] = None, *, mfu: float = 
         check = model_check(bench)
         if check:
             md += ["", f"## The model on the measured benchmark ({check['link']})", "",
-                   f"Compute per step {check['compute_s']:.3f} s (unshaped Local SGD step) + the measured link:", "",
+                   f"Compute per step {check['compute_s']:.3f} s ({check['compute_source']}) + the measured link "
+                   "(probe fit); fp32 gradients and pseudo-gradients on the wire:", "",
                    _check_table(check)]
     rows = project(default_grid(own_ratio, sync_interval, pseudo_sync_prob), hw, steps_ratio)
     md += ["", "## Step time and PALSGD's advantage at equal steps", "", markdown(rows)]
