@@ -28,7 +28,8 @@ SUBCOMMANDS = ("run", "overhead", "project", "report", "cleanup")
 def _settings_args(p: argparse.ArgumentParser) -> None:
     d = BenchSettings()
     p.add_argument("--tiny", action="store_true", help="seconds-long settings that check the harness, not the claims")
-    p.add_argument("--workers", type=int, default=None, help=f"worker processes, one per namespace (default {d.workers})")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"worker processes, one per namespace (default {d.workers})")
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default=None, help=f"default {d.model_size}")
     p.add_argument("--steps", type=int, default=None, help=f"DDP's optimizer steps = the token budget ({d.steps})")
     p.add_argument("--local-step-factor", type=float, default=None,
@@ -43,7 +44,8 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
                    help=f"PALSGD's eta (default: the one giving a pull c=lr*eta/p of {d.pull_coefficient})")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help=f"synchronous steps before local steps start ({d.palsgd_warmup_steps})")
-    p.add_argument("--outer-lr", type=float, default=None, help=f"outer Nesterov lr of DiLoCo and PALSGD ({d.outer_lr})")
+    p.add_argument("--outer-lr", type=float, default=None,
+                   help=f"outer Nesterov lr of DiLoCo and PALSGD ({d.outer_lr})")
     p.add_argument("--outer-momentum", type=float, default=None,
                    help=f"outer Nesterov momentum of DiLoCo and PALSGD ({d.outer_momentum})")
     p.add_argument("--seed", type=int, default=None)

@@ -97,7 +97,8 @@ def speedups(times: dict[str, float], steps_ratio: Optional[dict[str, float]] = 
     }
 
 
-def default_grid(own_work_ratio: float = 0.005, sync_interval: int = 32, pseudo_sync_prob: float = 0.2) -> list[Scenario]:
+def default_grid(own_work_ratio: float = 0.005, sync_interval: int = 32,
+                 pseudo_sync_prob: float = 0.2) -> list[Scenario]:
     """125M / 1.3B / 7B parameters x 8 / 64 GPUs x 10 / 100 / 400 Gbit/s, GPT-3 global batches."""
     out = []
     for params, gpus, link in itertools.product((125e6, 1.3e9, 7e9), (8, 64), (10, 100, 400)):
@@ -157,7 +158,8 @@ def plot(path: Path, hw: Hardware = Hardware(), own_work_ratio: float = 0.005, s
             sc = [Scenario(params, gpus, link, b, sync_interval, pseudo_sync_prob, own_work_ratio) for link in links]
             sp = [speedups(step_times(s, hw)) for s in sc]
             ax.plot(links, [x["vs_ddp_overlap"] for x in sp], color=color, label=f"{_human(params)} vs DDP (overlap)")
-            ax.plot(links, [x["vs_diloco"] for x in sp], color=color, linestyle=":", label=f"{_human(params)} vs DiLoCo")
+            ax.plot(links, [x["vs_diloco"] for x in sp], color=color, linestyle=":",
+                    label=f"{_human(params)} vs DiLoCo")
         ax.axhline(1.0, color="grey", linewidth=1)
         ax.set_xscale("log")
         ax.set_yscale("log")

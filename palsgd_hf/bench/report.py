@@ -51,7 +51,8 @@ def markdown_table(bench: dict[str, Any]) -> str:
     s = bench["settings"]
     lines = [
         "| link | method | steps | train s | s/step | time to target s | ×DDP | ×DiLoCo | final eval loss "
-        "| loss at DDP's tokens | vs DDP | MB sent/step | ×DDP bytes (local phase) | comm s blocked | s/step added by the link | load avg |",
+        "| loss at DDP's tokens | vs DDP | MB sent/step | ×DDP bytes (local phase) | comm s blocked "
+        "| s/step added by the link | load avg |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, link in bench["links"].items():
@@ -102,7 +103,8 @@ def overhead_table(overhead: dict[str, Any]) -> str:
         "| measure | median ms | vs plain step |",
         "|---|---:|---:|",
         f"| plain step (fwd+bwd + AdamW) | {overhead['plain_step_s'] * 1e3:.2f} | 1 |",
-        f"| AdamW step alone (plain) | {med['opt_plain'] * 1e3:.3f} | {med['opt_plain'] / overhead['plain_step_s']:.4f} |",
+        f"| AdamW step alone (plain) | {med['opt_plain'] * 1e3:.3f} | "
+        f"{med['opt_plain'] / overhead['plain_step_s']:.4f} |",
         f"| PALSGD optimizer step (gradient step: coin, LR scaling, AdamW) | {med['opt_palsgd'] * 1e3:.3f} | "
         f"{med['opt_palsgd'] / overhead['plain_step_s']:.4f} |",
         f"| pseudo-sync pull (replaces a whole step) | {med['pull'] * 1e3:.3f} | {overhead['pull_ratio']:.4f} |",

@@ -156,7 +156,8 @@ def run_benchmark(
                 cluster.up()
             entry: dict[str, Any] = {"link": dataclasses.asdict(link), "probe": None, "runs": {}}
             bench["links"][link.label] = entry
-            entry["probe"] = run_probe(settings, link_dir, cluster, list(probe_sizes_kib)) if settings.workers > 1 else None
+            if settings.workers > 1:
+                entry["probe"] = run_probe(settings, link_dir, cluster, list(probe_sizes_kib))
             ddp = run_method(settings, "ddp", link_dir / "ddp", cluster, None, run_timeout)
             entry["runs"]["ddp"] = ddp
             _save_partial(bench, out_dir)

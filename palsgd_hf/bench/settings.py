@@ -71,9 +71,10 @@ class BenchSettings:
             if not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
         if self.steps % self.eval_every:
+            fix = (self.steps // self.eval_every + 1) * self.eval_every
             raise ValueError(
                 f"steps={self.steps} must be a multiple of eval_every={self.eval_every}: DDP's last step must be "
-                f"evaluated (its loss is the target); e.g. steps={(self.steps // self.eval_every + 1) * self.eval_every}."
+                f"evaluated (its loss is the target); e.g. steps={fix}."
             )
         if not self.local_step_factor >= 1.0:
             raise ValueError(f"local_step_factor={self.local_step_factor!r} must be >= 1 (1 = DDP's step count).")
