@@ -12,13 +12,16 @@ wait (fp32 and bf16, before and after the bf16 exchange's second half starts).
 from __future__ import annotations
 
 import io
+import time
 
 import pytest
 import torch
 
 from palsgd_hf import PALSGD, PALSGDConfig, PALSGDConfigError, PALSGDOptimizer, StepKind
 from palsgd_hf.adapters import ModuleAdapter
-from tests.unit.test_comm_dtype import bf16_mean_rule, run_exchange_threads
+from palsgd_hf.core.comm import PendingReduce
+from tests.helpers.threads import run_threads
+from tests.unit.test_comm_dtype import ExchangeThreadCommunicator, bf16_mean_rule, run_exchange_threads
 from tests.unit.test_reference import BASE_LR, BETAS, BIAS_LR_RATIO, D, EPS, WD, Linear, RefAdamW, batch, grad
 from tests.unit.test_reference import initial_weights, lr_factor
 
@@ -282,12 +285,51 @@ def test_resume_in_the_middle_of_a_wait_continues_exactly(comm_dtype, overlap, s
         assert m1["outer_syncs"] == 2
 
 
+class _SlowWork:
+    """A collective that completes at ``done_at`` (no future: the hidden time is counted up to wait())."""
+
+    done_at = 0.0
+
+    def is_completed(self) -> bool:
+        return time.perf_counter() >= self.done_at
+
+    def wait(self) -> bool:
+        time.sleep(max(0.0, self.done_at - time.perf_counter()))
+        return True
+
+
+class _SlowCommunicator(ExchangeThreadCommunicator):
+    """Averages like the threaded communicator, but each all-reduce takes DELAY seconds from its launch."""
+
+    DELAY = 0.5
+
+    def all_reduce_mean_async(self, tensor):
+        mean = super().all_reduce_mean_async(tensor).tensor
+        work = _SlowWork()
+        pending = PendingReduce(self, mean, work, 1)
+        work.done_at = pending.launched_at + self.DELAY
+        return pending
+
+
 def test_metrics_report_blocked_and_overlapped_seconds():
     cfg = PALSGDConfig(sync_interval=4, warmup_steps=0, overlap_steps=1, method="diloco")
-    (_, _, metrics, _), _ = run_core(cfg, 2, 8)
-    assert {"comm_seconds", "sync_seconds_blocked", "comm_seconds_overlapped"} <= set(metrics)
-    assert metrics["outer_syncs"] == 1  # launched at 4 (landed at 5) and at 8 (still in flight)
-    assert metrics["sync_seconds_blocked"] >= 0 and metrics["comm_seconds_overlapped"] == 0  # threads: synchronous
+
+    def worker(rank, comm):
+        model, _, sched, opt = make(rank, comm, cfg)
+        train(model, opt, sched, rank, 0, 8)
+        return opt.algorithm.metrics()
+
+    delay = _SlowCommunicator.DELAY
+    for metrics in run_threads(2, lambda rank, comm: worker(rank, _SlowCommunicator(comm._group, rank))):
+        assert metrics["outer_syncs"] == 1  # launched at 4 (landed at 5) and at 8 (still in flight)
+        # The exchange that landed was in flight for >= DELAY from its launch: the time this rank kept
+        # training (overlapped) plus the time it then waited (blocked) covers all of it, both read from the
+        # same clock. One local step of this linear model takes milliseconds, so a sync time that was not
+        # booked as blocked makes the sum fall short of DELAY.
+        assert metrics["sync_seconds_blocked"] + metrics["comm_seconds_overlapped"] >= delay
+        assert 0 < metrics["comm_seconds_overlapped"] < delay
+        # Time blocked in exchanges is part of all the time blocked in collectives.
+        assert metrics["comm_seconds"] >= metrics["sync_seconds_blocked"]
 
 
 def test_overlap_must_be_shorter_than_the_sync_interval():

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from palsgd_hf import cli
+from palsgd_hf.config import METHODS
 from palsgd_hf.launch import LaunchError, build_command, check_accelerate_config, check_hardware, check_world
 from palsgd_hf.recipes import BUILTIN_DIR, RecipeError, load_recipe, parse_overrides
 
@@ -49,7 +50,10 @@ def test_every_recipe_parses_and_validates(path):
     assert cmd[cmd.index("-m", 1) + 1] in ("torch.distributed.run", "accelerate.commands.launch")
     assert "--cpu" not in cmd
     method = recipe.training.get("palsgd_method", "palsgd")
-    assert method in Path(source).stem or "accelerate" in source or method == "palsgd"
+    # The file name says which method the recipe runs, and names no other (a diloco.yaml running palsgd,
+    # or a palsgd-vs-ddp.yaml, would mislead whoever picks it by name).
+    named = {m for m in METHODS if m in Path(source).stem}
+    assert named == {method}, f"{source}: runs method={method!r} but its name mentions {sorted(named)}"
     if method == "palsgd":
         config = recipe.training_arguments(bf16=False, fp16=False, palsgd_shard_size=1).palsgd_config()
         c = config.check_mixing_coefficient(recipe.training["learning_rate"])
