@@ -88,8 +88,23 @@ def test_write_report_files(tmp_path, runs):
         assert label in md
     png = paths["plot_100mbit"].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    table = markdown_table(saved)
-    assert table.count("\n| 100mbit") == 4
+    # One row per method, in the documented order, every cell the hand-computed value of the fixture.
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in markdown_table(saved).splitlines()
+            if line.startswith("| 100mbit")]
+    assert all(row[0] == "100mbit (measured 94 Mbit/s)" for row in rows)
+    # method, steps, train s, s/step, time to target, xDDP, xDiLoCo, final loss, loss at DDP's 40 steps,
+    # vs DDP, MB/step (total bytes / steps), xDDP bytes (local phase: bytes after warm-up / steps after it),
+    # comm s blocked, s/step added by the link (no unshaped run: n/a), load average (not recorded: n/a).
+    assert [row[1:] for row in rows] == [
+        ["DDP", "40", "40.0", "1.000", "40.0", "1.00", "2.22", "3.0000", "3.0000", "+0.00%", "4.000",
+         "1.0000 (n/a)", "in backward", "n/a", "n/a"],  # 40/18 = 2.22 x DiLoCo
+        ["Local SGD", "60", "18.0", "0.300", "n/a", "n/a", "n/a", "3.1000", "3.3000", "+10.00%", "0.867",
+         "0.2167 (n/a)", "1.0", "n/a", "n/a"],  # 52 MB / 60 steps; never reaches 3.0
+        ["DiLoCo", "60", "18.0", "0.300", "18.0", "0.45", "1.00", "2.9900", "3.1000", "+3.33%", "0.867",
+         "0.2167 (0.0600)", "1.0", "n/a", "n/a"],  # (52 - 40) MB / 50 steps = 0.06 x 4 MB
+        ["PALSGD", "60", "15.0", "0.250", "12.5", "0.31", "0.69", "2.9000", "3.0300", "+1.00%", "0.867",
+         "0.2167 (0.0600)", "1.0", "n/a", "n/a"],  # 12.5/40, 12.5/18
+    ]
 
 
 @pytest.mark.parametrize("overrides, message", [
