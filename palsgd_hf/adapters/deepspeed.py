@@ -36,7 +36,7 @@ between syncs, so engines get a per-replica checkpoint layout carrying the PALSG
 (:mod:`.deepspeed_checkpoint`); ``engine.save_checkpoint`` / ``load_checkpoint`` are called as usual.
 
 Entry points: :func:`initialize` (``deepspeed.initialize`` + :func:`attach`) for a raw DeepSpeed
-loop; :func:`attach` + :class:`DeepSpeedStepOptimizer` for an engine that accelerate created inside
+loop; :func:`attach` + :func:`DeepSpeedStepOptimizer` for an engine that accelerate created inside
 ``deepspeed_groups.replica_sharding`` (the HF Trainer path).
 
 DeepSpeed internals are version-specific: the supported range is checked on construction.
@@ -111,6 +111,22 @@ class DeepSpeedAdapter:
         if persistent:
             persistent[0].all_gather(persistent)
         self.zero.invalidate_secondary_tensor()
+
+    @torch.no_grad()
+    def reset_nonfinite_state(self) -> None:
+        """Zero the non-finite entries of the inner optimizer's state for the partitions this rank owns.
+
+        Called by the core after a sync was skipped for a non-finite pseudo-gradient: the owned
+        partitions are back on the anchor, but a replica that diverged still has NaN/inf moments
+        (Adam's exp_avg/exp_avg_sq), keyed by the very fp32 partitions of ``owned_groups``; its next
+        step would turn them non-finite again and every later sync would be skipped too.
+        """
+        state = self.zero.optimizer.state
+        for group in self.owned_groups():
+            for tensor in group.tensors:
+                for value in state.get(tensor, {}).values():
+                    if torch.is_tensor(value) and value.is_floating_point():
+                        torch.nan_to_num_(value, nan=0.0, posinf=0.0, neginf=0.0)
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """Nothing to switch: ZeRO reduces within the replica only; warm-up crosses replicas below."""
@@ -314,19 +330,16 @@ def initialize(*, model, config, ds_config: dict[str, Any], optimizer=None, comm
     return engine, opt, loader, scheduler, attach(engine, config, comm_timeout=comm_timeout)
 
 
-class DeepSpeedStepOptimizer(PALSGDOptimizer):
+def DeepSpeedStepOptimizer(optimizer, algorithm) -> PALSGDOptimizer:  # noqa: N802 (the former class's name)
     """The optimizer a loop steps once per optimizer step when the engine steps inside ``backward``.
 
     accelerate (hence the HF Trainer) runs ``engine.step()`` inside ``accelerator.backward`` and
     makes the optimizer's ``step()`` a no-op. Then a pseudo-sync step, which has no backward, would
-    never step; this ``step()`` takes it (:meth:`DeepSpeedAdapter.finish_step`). Not for loops that
-    call ``engine.step()`` themselves.
+    never step; this optimizer's ``step()`` takes it (:meth:`DeepSpeedAdapter.finish_step`). Not for
+    loops that call ``engine.step()`` themselves. Kept for callers of the former class: it is
+    ``PALSGDOptimizer(optimizer, algorithm, engine_steps=True)``.
     """
-
-    def step(self, closure=None):
-        self.algorithm.adapter.finish_step()
-        self.optimizer._opt_called = True  # an LR scheduler bound to the wrapped optimizer saw a step
-        return None
+    return PALSGDOptimizer(optimizer, algorithm, engine_steps=True)
 
 
 def _check_deepspeed_version() -> None:

@@ -8,7 +8,9 @@ versions that keep this layout (the same call, the same arguments):
 
     <dir>/latest                          the tag, written by global rank 0
     <dir>/replica_<r>/<tag>/...           DeepSpeed's own files of replica r (unchanged format)
-    <dir>/<tag>/palsgd/rank_<k>.pt        rank k's PALSGD state (anchor, outer optimizer, coin, counters)
+    <dir>/<tag>/palsgd/rank_<k>.pt        rank k's PALSGD state (anchor, outer optimizer, coin, counters):
+                                          the per-rank state file of palsgd_hf.state_files (atomic,
+                                          versioned), with model/optimizer None (DeepSpeed's files hold them)
 
 ``<dir>/<tag>`` also lets the HF Trainer's resume check (``checkpoint-N/global_step*``) find
 the checkpoint. The PALSGD state is written once an algorithm is attached; a checkpoint loaded
@@ -21,8 +23,9 @@ import logging
 import os
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
+
+from .. import state_files
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +62,15 @@ class ReplicaCheckpoints:
             self.replica_dir(save_dir), tag=tag, client_state=client_state, save_latest=save_latest,
             exclude_frozen_parameters=exclude_frozen_parameters,
         )
-        path = self.state_file(save_dir, tag)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # <dir>/<tag> exists even before an algorithm is attached: the HF Trainer's resume check looks for it.
+        os.makedirs(os.path.dirname(self.state_file(save_dir, tag)), exist_ok=True)
         if self.algorithm is not None:
-            state = {"algorithm": self.algorithm.state_dict(), "world_size": _world_size()}
-            tmp = f"{path}.tmp-{os.getpid()}"
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # a crash mid-save leaves no half-written state file
+            state_files.save(
+                self.state_file(save_dir, tag), rank=_rank(), world_size=_world_size(),
+                algorithm=self.algorithm.state_dict(),
+            )
         if save_latest and _rank() == 0:
-            with open(os.path.join(save_dir, "latest"), "w") as fd:
-                fd.write(tag)
+            state_files.atomic_write(os.path.join(save_dir, "latest"), lambda f: f.write(tag.encode()))
         if dist.is_initialized():
             dist.barrier()
         return ok
@@ -94,12 +96,7 @@ class ReplicaCheckpoints:
             return load_path, client_state
         path = self.state_file(load_dir, tag)
         if os.path.isfile(path):
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-            if saved.get("world_size") != _world_size():
-                raise ValueError(
-                    f"the checkpoint in {load_dir} was written by {saved.get('world_size')} processes but this run "
-                    f"has {_world_size()}; PALSGD keeps one model copy per replica, so resume with as many processes."
-                )
+            saved = state_files.load(path, rank=_rank(), world_size=_world_size())
             if self.algorithm is not None:
                 self.algorithm.load_state_dict(saved["algorithm"])
             else:

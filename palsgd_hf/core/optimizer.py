@@ -1,11 +1,23 @@
-"""An optimizer wrapper that routes every ``step()`` through the PALSGD state machine.
+"""The one optimizer wrapper: every ``step()`` goes through the PALSGD state machine.
 
 Training loops (the HF Trainer, Accelerate loops, plain PyTorch) call ``optimizer.step()`` once
 per optimizer step. Wrapping the inner optimizer makes that one call do the right thing: a
 warm-up step, a gradient step with the scaled learning rate, or a pseudo-sync pull instead of
-the inner step, followed by a global sync when one is due. Everything else (``param_groups``,
-``state``, ``zero_grad``, ``state_dict``) is the inner optimizer's, so LR schedulers bound to
-either object see the same groups.
+the inner step, followed by a global sync when one is due. Everything else is the inner
+optimizer's: ``param_groups``/``state``/``zero_grad``/``state_dict`` explicitly, and any other
+attribute by forwarding (``train()``/``eval()`` of schedule-free optimizers, which the Trainer
+calls when ``hasattr(optimizer, "train")``; accelerate's ``step_was_skipped``; ...). LR schedulers
+bound to either object see the same groups.
+
+Two variants, as options of the same class (the integrations pick them):
+
+* ``is_boundary`` (accelerate's gradient accumulation): ``step()`` is called once per micro-batch
+  and only the call for which ``is_boundary()`` is true is a PALSGD step; the others are no-ops,
+  as they are for accelerate's own optimizer. Right after a PALSGD step ``after_step(kind)`` runs
+  (the Accelerate hooks draw the next coin there and settle accelerate's step state).
+* ``engine_steps`` (DeepSpeed under accelerate / the HF Trainer): the engine runs the PALSGD step
+  inside ``backward``; ``step()`` only completes an optimizer step that had no backward (a
+  pseudo-sync step) through the adapter's ``finish_step()``.
 """
 
 from __future__ import annotations
@@ -14,17 +26,68 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .algorithm import PALSGD
+from .algorithm import PALSGD, StepKind
 
 
 class PALSGDOptimizer(torch.optim.Optimizer):
+    """Wrap ``optimizer`` so that each ``step()`` is one PALSGD step of ``algorithm``.
+
+    Args:
+        optimizer: the inner optimizer (a torch optimizer, or one wrapping it, e.g. accelerate's).
+        algorithm: the PALSGD state machine built for the same model and optimizer.
+        is_boundary: when given, only calls for which it returns True are optimizer steps.
+        after_step: called with the step's kind after each PALSGD step this wrapper runs.
+        engine_steps: the backend steps inside backward (DeepSpeed); ``step()`` finishes the step.
+    """
+
     # Deliberately no super().__init__: this object owns no parameters or state of its own
     # (the same pattern as accelerate's AcceleratedOptimizer); isinstance checks still pass.
-    def __init__(self, optimizer: torch.optim.Optimizer, algorithm: PALSGD):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        algorithm: PALSGD,
+        *,
+        is_boundary: Optional[Callable[[], bool]] = None,
+        after_step: Optional[Callable[[StepKind], None]] = None,
+        engine_steps: bool = False,
+    ):
         self.optimizer = optimizer
         self.algorithm = algorithm
-        self.last_step_kind = None
+        self.last_step_kind: Optional[StepKind] = None
+        self._is_boundary = is_boundary
+        self._after_step = after_step
+        self._engine_steps = engine_steps
 
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        if self._is_boundary is not None and not self._is_boundary():
+            return None  # a micro-batch inside an accumulation window: not an optimizer step
+        result = []
+        if self._engine_steps:
+            self.algorithm.adapter.finish_step()  # the engine took (or now takes) the PALSGD step
+        else:
+            self.last_step_kind = self.algorithm.optimizer_step(
+                lambda: result.append(self.optimizer.step(closure))
+            )
+            if self._after_step is not None:
+                self._after_step(self.last_step_kind)
+        self._mark_stepped()
+        return result[0] if result else None
+
+    def _mark_stepped(self) -> None:
+        # torch's LR scheduler warns "lr_scheduler.step() before optimizer.step()" unless the optimizer it is
+        # bound to has _opt_called set, which only its own step() does. A pseudo-sync step skips the inner step
+        # on purpose, and the scheduler may be bound to any optimizer down the chain (accelerate's wrapper, the
+        # torch optimizer inside it, ZeRO's): tell each of them that this step happened.
+        opt, seen = self.optimizer, set()
+        while opt is not None and id(opt) not in seen:
+            seen.add(id(opt))
+            try:
+                opt._opt_called = True
+            except AttributeError:  # an optimizer that refuses new attributes (slots) has no scheduler hook
+                pass
+            opt = getattr(opt, "optimizer", None)
+
+    # ------------------------------------------------------------------ the inner optimizer's
     @property
     def param_groups(self):
         return self.optimizer.param_groups
@@ -41,14 +104,6 @@ class PALSGDOptimizer(torch.optim.Optimizer):
     def defaults(self):
         return self.optimizer.defaults
 
-    def step(self, closure: Optional[Callable[[], Any]] = None):
-        result = []
-        self.last_step_kind = self.algorithm.optimizer_step(lambda: result.append(self.optimizer.step(closure)))
-        # A pseudo-sync step skips the inner step on purpose; tell an LR scheduler bound to the inner
-        # optimizer that this step happened, or it warns that scheduler.step() came first.
-        self.optimizer._opt_called = True
-        return result[0] if result else None
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
@@ -60,6 +115,23 @@ class PALSGDOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.optimizer.load_state_dict(state_dict)
+
+    def __getattr__(self, name: str) -> Any:
+        # Runs only for names not found on the wrapper. Read the inner optimizer from __dict__: while an
+        # instance is being unpickled or copied (before __init__ or __setstate__ set it) "self.optimizer"
+        # would call __getattr__ again, forever. Dunders stay the wrapper's (copy/pickle probe them).
+        inner = self.__dict__.get("optimizer")
+        if inner is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(inner, name)
+
+    # torch.optim.Optimizer's pickling keeps only defaults/state/param_groups and patches the class's step();
+    # this wrapper's state is its __dict__ (inner optimizer, algorithm, options).
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"PALSGDOptimizer({self.optimizer!r})"

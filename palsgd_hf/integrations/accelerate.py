@@ -37,10 +37,17 @@ gradient all-reduce" of the first local step would be undone, DDP would then bro
 a later forward, and a rank on a pseudo-sync step (no forward) would never join: a deadlock.
 Drawing early keeps the same coin sequence and sets DDP's flags before ``no_sync`` reads them.
 
+Pseudo-sync steps and accelerate's step state: the pull replaces the inner step, so
+``AcceleratedOptimizer.step`` does not run and cannot reset what it resets on every step: its
+overflow flag (which would make accelerate's scheduler skip its step as after an fp16 overflow)
+and the GradScaler's record of an ``unscale_`` on this step (``clip_grad_norm_`` on a step without
+gradients; the next step's ``unscale_`` would raise). The wrapper's ``after_step`` settles both.
+
 Checkpoints: ``accelerator.save_state`` writes the model and optimizer of the main process only,
 and its registered objects (``custom_checkpoint_<i>.pkl``) from the main process only too. Between
 syncs every replica's weights and inner-optimizer state differ, so each rank also writes its own
-``palsgd/rank_<r>.pt`` (local weights, inner optimizer, PALSGD state) from a save-state pre-hook.
+``palsgd/rank_<r>.pt`` (local weights, inner optimizer, PALSGD state; the one per-rank state file
+of :mod:`palsgd_hf.state_files`, written atomically) from a save-state pre-hook.
 On ``load_state`` a registered object, loaded after accelerate restored rank 0's model and
 optimizer everywhere, reads the rank's own file back over them, so a resumed run continues exactly.
 """
@@ -55,6 +62,7 @@ from typing import Any, Optional
 
 import torch
 
+from .. import state_files
 from ..config import PALSGDConfig
 from ..core.algorithm import PALSGD, StepKind
 from ..core.optimizer import PALSGDOptimizer
@@ -63,7 +71,6 @@ from ..wrap import build_algorithm
 logger = logging.getLogger(__name__)
 
 STATE_DIRNAME = "palsgd"
-_FORMAT = 1
 
 
 class PALSGDAccelerate:
@@ -121,7 +128,10 @@ class PALSGDAccelerate:
 
             apply_collective_timeout(self.comm_timeout)  # with one rank per worker, the syncs use the default group
         self.algorithm = build_algorithm(model, optimizer, self.config, comm_timeout=self.comm_timeout)
-        self.optimizer = _AccumulationAwareOptimizer(optimizer, self.algorithm, self.accelerator)
+        # One optimizer step per accumulation window, as accelerate's own optimizer (see the module doc).
+        self.optimizer = PALSGDOptimizer(
+            optimizer, self.algorithm, is_boundary=lambda: self.accelerator.sync_gradients, after_step=self._after_step
+        )
         self.accelerator.register_save_state_pre_hook(self._save_hook)
         self.accelerator.register_load_state_pre_hook(self._load_hook)
         self.accelerator.register_for_checkpointing(_RankStateLoader(self))
@@ -162,24 +172,23 @@ class PALSGDAccelerate:
         if self.algorithm is not None:
             self.algorithm.finalize()
 
+    def _after_step(self, kind: StepKind) -> None:
+        self.algorithm.step_kind()  # draw the next step's coin now, before accumulate() enters no_sync
+        if kind is StepKind.PSEUDO_SYNC:
+            _settle_skipped_inner_step(self.optimizer.optimizer)
+
     # ------------------------------------------------------------------ checkpoints
     def _rank_file(self, directory: str) -> str:
         return os.path.join(directory, STATE_DIRNAME, f"rank_{self.accelerator.process_index}.pt")
 
     def _save_hook(self, models, weights, output_dir: str) -> None:
         # Runs on every process (unlike accelerate's own model/optimizer files).
-        path = self._rank_file(output_dir)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         unwrapped = self.accelerator.unwrap_model(self._model)
-        torch.save(
-            {
-                "format": _FORMAT,
-                "world_size": self.accelerator.num_processes,
-                "model": {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()},
-                "optimizer": self.optimizer.optimizer.state_dict(),
-                "algorithm": self.algorithm.state_dict(),
-            },
-            path,
+        state_files.save(
+            self._rank_file(output_dir), rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
+            algorithm=self.algorithm.state_dict(),
+            model={k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()},
+            optimizer=self.optimizer.optimizer.state_dict(),
         )
 
     def _load_hook(self, models, input_dir: str) -> None:
@@ -202,7 +211,7 @@ class PALSGDAccelerate:
                 f"{path} is missing: every rank writes its own PALSGD state on save_state; on several machines "
                 "each rank needs the checkpoint directory its own rank wrote (a shared filesystem, or copy them)."
             )
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state_files.load(path, rank=self.accelerator.process_index, world_size=world)
         unwrapped = self.accelerator.unwrap_model(self._model)
         unwrapped.load_state_dict(state["model"])
         self.optimizer.optimizer.load_state_dict(state["optimizer"])
@@ -240,7 +249,7 @@ class _RankStateLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": _FORMAT,
+            "format": state_files.FORMAT,
             "world_size": self._hooks.accelerator.num_processes,
             "config": self._hooks.config.to_dict(),
         }
@@ -249,25 +258,17 @@ class _RankStateLoader:
         self._hooks._restore_rank_state(state)
 
 
-class _AccumulationAwareOptimizer(PALSGDOptimizer):
-    """A PALSGD optimizer around accelerate's ``AcceleratedOptimizer``: one step per optimizer step.
+def _settle_skipped_inner_step(accelerated) -> None:
+    """Reset what ``AcceleratedOptimizer.step`` resets on every step, after a pseudo-sync step skipped it.
 
-    ``step()`` on a micro-batch that does not end an accumulation window is a no-op, as it is for
-    accelerate's own optimizer; on the last one it is one PALSGD step.
+    Its overflow flag still says how the previous inner step went; left True, accelerate's scheduler
+    skips this step too (it reads ``step_was_skipped``) and the LR schedule falls behind the steps.
+    The GradScaler's per-optimizer record is only cleared by ``scaler.update()`` inside that step; an
+    ``unscale_`` on this step (``clip_grad_norm_`` on a step without gradients) would make the next
+    step's ``unscale_`` raise. Forgetting it is what ``update()`` does (private, hence the guard).
     """
-
-    def __init__(self, optimizer, algorithm: PALSGD, accelerator):
-        super().__init__(optimizer, algorithm)
-        self._accelerator = accelerator
-
-    def step(self, closure=None):
-        if not self._accelerator.sync_gradients:
-            return None
-        result = super().step(closure)
-        self.algorithm.step_kind()  # draw the next step's coin now, before accumulate() enters no_sync
-        # The LR scheduler is bound to the torch optimizer inside AcceleratedOptimizer: tell it too
-        # that this (possibly pull-only) step happened, or torch warns the scheduler stepped first.
-        inner = getattr(self.optimizer, "optimizer", None)
-        if inner is not None:
-            inner._opt_called = True
-        return result
+    if hasattr(accelerated, "_is_overflow"):
+        accelerated._is_overflow = False
+    records = getattr(getattr(accelerated, "scaler", None), "_per_optimizer_states", None)
+    if isinstance(records, dict):
+        records.pop(id(getattr(accelerated, "optimizer", None)), None)

@@ -1,18 +1,9 @@
-"""Per-rank PALSGD checkpoint files: the state a stock checkpoint loses when replicas differ.
+"""Where the Trainer keeps each rank's PALSGD state: ``checkpoint-N/palsgd_rank{R}.pt``.
 
-A Trainer (or ``accelerator.save_state``) checkpoint holds one model and one optimizer state,
-written by the main process. Between two PALSGD syncs every replica has its own weights and
-inner-optimizer state, plus PALSGD's own state (anchor, outer optimizer, counters, coin
-generator), so each rank writes ``palsgd_rank{R}.pt`` beside the stock files:
-
-    {"format": 1, "rank": R, "world_size": W, "algorithm": PALSGD.state_dict(),
-     "model": local weights or None, "optimizer": inner optimizer state or None}
-
-``model``/``optimizer`` are left out (None) where the backend writes per-rank state of its own
-(DeepSpeed's ``save_checkpoint`` stores each rank's ZeRO partitions).
-
-Files are written atomically (a temporary file in the same directory, fsync, ``os.replace``), so
-a crash while saving leaves either the previous file or the complete new one, never half of one.
+The file itself (layout, atomic write, version and rank checks) is :mod:`palsgd_hf.state_files`,
+shared by every integration; this module only names it inside a Trainer checkpoint and says, when
+it is missing, what the directory holds instead. ``model``/``optimizer`` are None under DeepSpeed
+(its ``save_checkpoint`` stores each rank's ZeRO partitions).
 """
 
 from __future__ import annotations
@@ -21,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
+from .. import state_files
 
-FORMAT = 1
+FORMAT = state_files.FORMAT
 
 
 def rank_file(checkpoint_dir: str | os.PathLike, rank: int) -> Path:
@@ -39,27 +30,14 @@ def save_rank_state(
     optimizer_state: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write this rank's PALSGD file into ``checkpoint_dir`` atomically; return its path."""
-    path = rank_file(checkpoint_dir, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": FORMAT, "rank": rank, "world_size": world_size, "algorithm": algorithm_state,
-        "model": model_state, "optimizer": optimizer_state,
-    }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return state_files.save(
+        rank_file(checkpoint_dir, rank), rank=rank, world_size=world_size, algorithm=algorithm_state,
+        model=model_state, optimizer=optimizer_state,
+    )
 
 
 def load_rank_state(checkpoint_dir: str | os.PathLike, rank: int, world_size: int) -> dict[str, Any]:
-    """Read this rank's PALSGD file, refusing a missing file or one written by another layout."""
+    """Read this rank's PALSGD file, refusing a missing file or one written by another layout or world."""
     path = rank_file(checkpoint_dir, rank)
     if not path.is_file():
         others = sorted(p.name for p in Path(checkpoint_dir).glob("palsgd_rank*.pt"))
@@ -69,12 +47,4 @@ def load_rank_state(checkpoint_dir: str | os.PathLike, rank: int, world_size: in
             "its rank wrote: resume with the same number of processes, from a checkpoint written by a PALSGD "
             "trainer (not with save_only_model=True)."
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)  # data only: no code runs on load
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path} has PALSGD checkpoint format {state.get('format')!r}; this version reads {FORMAT}.")
-    if state["world_size"] != world_size or state["rank"] != rank:
-        raise ValueError(
-            f"{path} was written by rank {state['rank']} of {state['world_size']} processes, but this is rank {rank} "
-            f"of {world_size}; resume with the process count that wrote the checkpoint."
-        )
-    return state
+    return state_files.load(path, rank=rank, world_size=world_size)

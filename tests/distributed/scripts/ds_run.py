@@ -48,6 +48,19 @@ def flat(tensors) -> list:
     return torch.cat([t.detach().float().reshape(-1) for t in tensors]).tolist()
 
 
+@torch.no_grad()
+def poison(algo, engine) -> None:
+    """A replica that diverged: NaN weights and NaN Adam moments in the partitions this rank owns."""
+    state = engine.optimizer.optimizer.state
+    for group in algo.adapter.owned_groups():
+        for tensor in group.tensors:
+            tensor.fill_(float("nan"))
+            for value in state[tensor].values():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    value.fill_(float("nan"))
+    algo.adapter.after_write()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -64,6 +77,8 @@ def main() -> None:
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--save-at", type=int, default=None, help="save a checkpoint after this many steps, then stop")
     ap.add_argument("--resume", default=None, help="checkpoint directory to resume from")
+    ap.add_argument("--poison-at", type=int, default=None,
+                    help="after this step, replica 1's owned partitions and inner-optimizer state turn NaN (ds mode)")
     args = ap.parse_args()
 
     if args.mode == "ds":
@@ -78,6 +93,9 @@ def main() -> None:
     cfg = PALSGDConfig(
         sync_interval=args.H, pseudo_sync_prob=args.p, warmup_steps=args.warmup, mixing_rate=1.0,
         shard_size=S if args.mode == "ds" else 1, seed=3,
+        # Independent coins per replica: the reference then runs different step kinds per replica, and the
+        # collective guard (refusing mode) must let every ZeRO-internal collective through.
+        coins="per_replica",
     )
     model = make_model()
     inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -155,6 +173,8 @@ def main() -> None:
         # while one replica may have skipped its forward (ZeRO-3's own checks must not hang on it).
         logged = torch.tensor([loss_value if loss_value is not None else 0.0, float(loss_value is not None)])
         dist.all_reduce(logged)
+        if args.poison_at == t and args.mode == "ds" and algo.replica_index == 1:
+            poison(algo, engine)
         record["kinds"].append(kind.value)
         record["losses"].append(loss_value)
         owned = [t_ for g in algo.adapter.owned_groups() for t_ in g.tensors]
@@ -167,6 +187,12 @@ def main() -> None:
         engine.save_checkpoint(os.path.join(args.out, "ckpt"))
     else:
         algo.finalize()
+    if args.mode == "ds":
+        state = engine.optimizer.optimizer.state
+        record["inner_state_finite"] = all(
+            bool(torch.isfinite(v).all()) for t_ in state for v in state[t_].values()
+            if torch.is_tensor(v) and v.is_floating_point()
+        )
     result = {
         "rank": rank, "world": world, "replica": algo.replica_index, "shard": shard, "start": start, **record,
         "metrics": algo.metrics(), "final": full_weights(),
