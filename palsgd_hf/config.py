@@ -27,6 +27,7 @@ METHODS = ("palsgd", "diloco", "localsgd", "ddp")
 OUTER_OPTIMIZERS = ("nesterov", "sgd", "adam")
 COMM_DTYPES = ("fp32", "bf16")
 ANCHOR_DEVICES = ("auto", "cpu")
+COINS = ("shared", "per_replica")
 
 # Values each preset fills in for fields left at None. A field listed in _FIXED must keep the
 # preset's value: anything else would silently run a different method than the one named.
@@ -92,7 +93,15 @@ class PALSGDConfig:
         metadata={"help": "Outer momentum (Adam: beta1). Default: the method's (0.9; 0 for localsgd)."},
     )
     seed: int = field(
-        default=0, metadata={"help": "Seed of the per-replica coin generators (replica r uses (seed, r))."}
+        default=0, metadata={"help": "Seed of the coin generator(s): (seed) with shared coins, (seed, r) for replica r."}
+    )
+    coins: str = field(
+        default="shared",
+        metadata={"help": f"Who flips the pseudo-sync coin: one of {COINS}. 'shared': one coin per step for all "
+                  "replicas, so every rank runs the same kind of step and any collective issued inside a step (by "
+                  "the Trainer, accelerate, trl or a callback) pairs up; no replica waits for another at a sync. "
+                  "'per_replica': each replica its own coin (the paper's Algorithm 1 read literally); a collective "
+                  "over several replicas inside a local step is then refused with an error, since it would hang."},
     )
     shard_size: int = field(
         default=1,
@@ -159,6 +168,7 @@ class PALSGDConfig:
             )
         _check_choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
         _check_choice("anchor_device", self.anchor_device, ANCHOR_DEVICES)
+        _check_choice("coins", self.coins, COINS)
         if self.overlap_steps >= self.sync_interval and self.method != "ddp":
             raise PALSGDConfigError(
                 f"overlap_steps={self.overlap_steps} must be smaller than sync_interval={self.sync_interval}: "

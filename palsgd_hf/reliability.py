@@ -77,8 +77,15 @@ def is_worker_fault(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and bool(_FAULT_RE.search(str(err)))
 
 
-def worker_fault_message(err: BaseException, *, rank: int, step: int, timeout: timedelta, output_dir: str) -> str:
-    """One paragraph: what failed, why that usually happens, the timeout in force and how to resume."""
+def worker_fault_message(
+    err: BaseException, *, rank: int, step: int, timeout: timedelta, output_dir: str, where: Optional[str] = None
+) -> str:
+    """One paragraph: what failed, why that usually happens, the timeout in force and how to resume.
+
+    ``where`` describes what this rank was doing (e.g. PALSGD's step and step kind): when every rank is
+    alive, a timeout means the ranks were waiting in *different* collectives, and the step kinds of
+    the ranks' messages show which ones diverged.
+    """
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     last = last_complete_checkpoint(output_dir) if output_dir and os.path.isdir(output_dir) else None
     resume = (
@@ -87,10 +94,13 @@ def worker_fault_message(err: BaseException, *, rank: int, step: int, timeout: t
         if last is not None
         else f"there is no complete checkpoint in {output_dir!r} to resume from (set save_steps to write some)"
     )
+    doing = f", in PALSGD {where}" if where else ""
     return (
-        f"rank {rank} at step {step}: a collective with the other ranks failed ({first}). Another rank died or "
-        f"stopped answering (collective timeout {timeout.total_seconds():.0f} s, set by palsgd_comm_timeout_seconds "
-        f"or ddp_timeout); see the first failing rank's log for the cause. {resume}."
+        f"rank {rank} at step {step}{doing}: a collective with the other ranks failed ({first}). Either another rank "
+        f"died or stopped answering, or every rank is alive but they waited in different collectives (one issued by "
+        f"some ranks only; compare the step kinds in each rank's message) (collective timeout "
+        f"{timeout.total_seconds():.0f} s, set by palsgd_comm_timeout_seconds or ddp_timeout); see the first failing "
+        f"rank's log for the cause. {resume}."
     )
 
 

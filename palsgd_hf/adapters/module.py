@@ -7,6 +7,16 @@ Owned tensors are the inner optimizer's parameters themselves. Gradient sync:
   ``require_backward_grad_sync`` (the gradient all-reduce) and ``require_forward_param_sync``
   (the buffer broadcast before forward), so a local step sends nothing.
 * A bare module: nothing averages gradients, so warm-up steps all-reduce them here.
+
+A ``torch.compile``-d model (``OptimizedModule``, as accelerate and the Trainer's
+``torch_compile=True`` return it) is looked through to the DDP or module inside: its flags are
+the ones DDP reads. FSDP-wrapped models are refused (no FSDP adapter yet): treated as a plain
+module they would keep reduce-scattering every step and pair collectives across replicas.
+
+The trained tensors are fixed when the adapter is built (those with ``requires_grad`` then): the
+core pairs each with an anchor by position, so freezing a parameter later must not drop it from
+the list (it keeps its anchor and is simply not updated), and unfreezing one that has no anchor is
+an error rather than a replica that silently trains it alone.
 """
 
 from __future__ import annotations
@@ -27,13 +37,41 @@ class ModuleAdapter:
         # Wrappers (PALSGDOptimizer, accelerate's AcceleratedOptimizer) expose the inner optimizer's
         # very param_group dicts, so the lr read and scaled here is the one the scheduler sets.
         self.optimizer = optimizer
+        _refuse_fsdp(model)
         self.ddp = _find_ddp(model)
+        self._trained = {id(p) for g in optimizer.param_groups for p in g["params"] if p.requires_grad}
         self._counting_hook = False
         if self.ddp is not None and comm is not None:
             self._install_counting_hook(comm)
 
     def owned_groups(self) -> list[OwnedGroup]:
-        return [OwnedGroup(g, [p for p in g["params"] if p.requires_grad]) for g in self.optimizer.param_groups]
+        groups = [OwnedGroup(g, [p for p in g["params"] if id(p) in self._trained]) for g in self.optimizer.param_groups]
+        late = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad and id(p) not in self._trained]
+        if late:
+            raise RuntimeError(
+                f"{len(late)} parameter(s) of shape {[tuple(p.shape) for p in late][:3]} became trainable after PALSGD "
+                "was attached: they have no anchor, so each replica would train them alone and never sync them. "
+                "Set requires_grad before building the trainer / wrapping the optimizer."
+            )
+        return groups
+
+    def on_local_phase_start(self) -> None:
+        """Consume DDP's pending bucket rebuild now, when every rank is here together.
+
+        DDP rebuilds its buckets (a broadcast) in the first forward after the first synced
+        backward. With a single warm-up step that forward belongs to the local phase, where a
+        replica on a pseudo-sync step has no forward and the broadcast would pair with another
+        collective. ``Reducer._rebuild_buckets`` is what DDP's forward calls; it is a no-op once done.
+        """
+        if self.ddp is not None and dist.is_initialized() and torch.is_grad_enabled():
+            if self.ddp.reducer._rebuild_buckets():
+                self.ddp._has_rebuilt_buckets = True
+
+    def sync_buffers(self) -> list[torch.Tensor]:
+        """Floating-point buffers of the model (BatchNorm statistics...), averaged at every sync."""
+        module = self.ddp.module if self.ddp is not None else _unwrap_compiled(self.model)
+        persistent = set(module.state_dict().keys())
+        return [b for name, b in module.named_buffers() if b.is_floating_point() and name in persistent]
 
     def after_write(self) -> None:
         """Plain tensors: nothing to refresh."""
@@ -83,8 +121,29 @@ class ModuleAdapter:
             self._counting_hook = False
 
 
+def _unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    # torch.compile returns an OptimizedModule whose _orig_mod is the module it compiled.
+    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def _find_ddp(model: torch.nn.Module) -> Optional[DistributedDataParallel]:
+    model = _unwrap_compiled(model)
     if isinstance(model, DistributedDataParallel):
         return model
     return None
+
+
+def _refuse_fsdp(model: torch.nn.Module) -> None:
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # a torch without FSDP (e.g. built without distributed): nothing to refuse
+        return
+    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in _unwrap_compiled(model).modules()):
+        raise NotImplementedError(
+            "PALSGD got an FSDP-sharded model, which it does not support yet (it would keep FSDP's per-step "
+            "collectives across replicas); shard each worker with DeepSpeed ZeRO (palsgd_shard_size, deepspeed=...) "
+            "or train without FSDP (no --use_fsdp / fsdp=... / ACCELERATE_USE_FSDP)."
+        )
 

@@ -28,7 +28,15 @@ Phases of one optimizer step t (t counts every step, of all kinds, from 0):
    device), and the flat pseudo-gradient buffer lives for d steps instead of an instant.
 
 The anchor x_bar is created when the first local step starts (workers are made identical then by
-a broadcast from replica 0) and is refreshed only at global syncs: it is deliberately stale.
+a broadcast from replica 0) and is refreshed only at global syncs: it is deliberately stale. At
+every sync the floating-point buffers of the model (e.g. BatchNorm statistics), which no optimizer
+owns, are averaged over all ranks too, so that the global model is one model.
+
+Coins (``config.coins``): 'shared' draws one coin per step for all replicas (every rank runs the
+same kind of step, so any collective inside a step pairs up); 'per_replica' gives each replica its
+own generator, seeded from (seed, replica). The ranks of one replica always share a coin.
+:mod:`~palsgd_hf.core.collective_guard` is armed from the coin draw of a local step to its end
+(:meth:`PALSGD.end_step`) and counts or refuses collectives across replicas issued meanwhile.
 
 Integration contract: ask :meth:`PALSGD.step_kind` before computing (skip forward/backward on a
 pseudo-sync step), then call :meth:`PALSGD.optimizer_step` with the inner optimizer's step, once
@@ -48,9 +56,11 @@ import torch
 
 from ..config import PALSGDConfig
 from .adapter import OwnedGroup, ParamAdapter
+from .collective_guard import CollectiveGuard
 from .comm import WIRE_DTYPES, Communicator, LocalCommunicator
 from .outer import Anchor
 from .overlap import PendingSync
+from .topology import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +74,10 @@ class StepKind(str, enum.Enum):
 
 
 def coin_seed(seed: int, replica_index: int) -> int:
-    """Seed of replica ``replica_index``'s coin generator: all ranks of a replica agree, replicas differ."""
+    """Seed of replica ``replica_index``'s coin generator: all ranks of a replica agree, replicas differ.
+
+    With shared coins every replica uses ``coin_seed(seed, 0)``.
+    """
     return (seed * 1_000_003 + replica_index * 7_919 + 17) % (2**63 - 1)
 
 
@@ -77,8 +90,9 @@ class PALSGD:
         peers: communicator over the ranks that own the same shard in every replica.
         replica: communicator over this rank's replica group (only used to agree on a skipped
             sync when a replica is sharded).
-        replica_index: this rank's replica, which seeds its coin generator.
+        replica_index: this rank's replica, which seeds its coin generator (per-replica coins).
         anchor_device: where the anchor lives (``None``: beside the weights).
+        guard: the collective-safety guard of this rank (``None``: one replica, nothing to guard).
     """
 
     def __init__(
@@ -90,6 +104,7 @@ class PALSGD:
         replica: Optional[Communicator] = None,
         replica_index: int = 0,
         anchor_device: Optional[torch.device] = None,
+        guard: Optional[CollectiveGuard] = None,
     ):
         self.config = config
         self.adapter = adapter
@@ -101,7 +116,12 @@ class PALSGD:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.last_drift = 0.0
         self.last_mixing_coefficient = 0.0
-        self._generator = torch.Generator().manual_seed(coin_seed(config.seed, replica_index))
+        coin_stream = replica_index if config.coins == "per_replica" else 0
+        self._generator = torch.Generator().manual_seed(coin_seed(config.seed, coin_stream))
+        self.guard = guard if guard is not None else _job_guard(config)
+        self.guard.describe_step = self.describe_step
+        self.defer_step_end = False  # set by wrappers that end a step after optimizer_step returns
+        self._clamp_warned = False
         self._kind: Optional[StepKind] = None
         self._anchor: Optional[Anchor] = None
         self._since_sync = 0  # local steps since the workers last left the anchor (a sync or its launch)
@@ -115,7 +135,19 @@ class PALSGD:
         return self._anchor is not None
 
     def step_kind(self) -> StepKind:
-        """What step t does. Drawn once per step (the coin is cached until the step finishes)."""
+        """What step t does. Drawn once per step (the coin is cached until the step finishes).
+
+        Marks the start of the step's interior: from here to :meth:`end_step` the collective guard
+        watches collectives across replicas (local steps only).
+        """
+        kind = self.prepare_step()
+        if kind is not StepKind.WARMUP:
+            self.guard.arm()
+        return kind
+
+    def prepare_step(self) -> StepKind:
+        """Draw step t's coin (and set the backend's gradient sync) without starting the step, for
+        loops that must switch DDP off before their step's code runs (the Accelerate hooks)."""
         if self._kind is None:
             if self.config.is_ddp or self.step < self.config.warmup_steps:
                 kind = StepKind.WARMUP
@@ -130,8 +162,22 @@ class PALSGD:
         self._set_gradient_sync(self._kind is StepKind.WARMUP)
         return self._kind
 
+    def end_step(self) -> None:
+        """The step's interior is over (step boundaries are the same step on every rank)."""
+        self.guard.disarm()
+
     def optimizer_step(self, inner_step: Callable[[], Any]) -> StepKind:
-        """Finish optimizer step t: run ``inner_step`` (or the pull instead), then a sync if due."""
+        """Finish optimizer step t: run ``inner_step`` (or the pull instead), then a sync if due.
+
+        Ends the step's interior unless a wrapper set ``defer_step_end`` (it calls :meth:`end_step`).
+        """
+        try:
+            return self._optimizer_step(inner_step)
+        finally:
+            if not self.defer_step_end:
+                self.end_step()
+
+    def _optimizer_step(self, inner_step: Callable[[], Any]) -> StepKind:
         kind = self.step_kind()
         if kind is StepKind.PSEUDO_SYNC:
             self._pull()
@@ -167,9 +213,20 @@ class PALSGD:
             self._apply_pending()
         if self._anchor is not None and self._since_sync > 0:
             self.sync()
+        self.end_step()
+
+    def describe_step(self) -> str:
+        kind = "no" if self._kind is None else f"a {self._kind.value}"
+        return f"step {self.step} ({kind} step; coins={self.config.coins})"
 
     # ------------------------------------------------------------------ pieces
     def _start_local_phase(self) -> None:
+        # Every rank reaches this at the same step: the place for the backend's last collectives
+        # (DDP rebuilds its buckets in the first forward after a synced backward; with warmup_steps=1
+        # that forward is a local step, which a pseudo-sync replica would skip).
+        start = getattr(self.adapter, "on_local_phase_start", None)
+        if start is not None:
+            start()
         # Warm-up leaves workers identical when the backend averaged gradients, but a loop that
         # started from different initializations would not be: one broadcast makes it so.
         tensors = self._owned_tensors()
@@ -177,8 +234,10 @@ class PALSGD:
             for t in tensors:
                 self.peers.broadcast(t.data, 0)
         self.adapter.after_write()
+        self._sync_buffers()
         self._anchor = Anchor(tensors, self.config, self.anchor_device)
-        coefficients = [self._coefficient(g) for g in self.adapter.owned_groups()]
+        # Strict here, before any local work: c > 1 at the current learning rate is a configuration error.
+        coefficients = [self.config.check_mixing_coefficient(float(g.options["lr"])) for g in self.adapter.owned_groups()]
         logger.info(
             "PALSGD local phase starts at step %d: method=%s H=%d p=%g eta=%g, pull coefficient c=lr*eta/p=%s "
             "(aim for ~0.01-0.1 at peak LR); anchor holds %d values",
@@ -187,17 +246,33 @@ class PALSGD:
         )
 
     def _coefficient(self, group: OwnedGroup) -> float:
-        return self.config.check_mixing_coefficient(float(group.options["lr"]))
+        lr = float(group.options["lr"])
+        if lr * self.config.mixing_rate <= self.config.pseudo_sync_prob:
+            return self.config.check_mixing_coefficient(lr)
+        # c > 1 overshoots the anchor. Integrations check the schedule's peak before training starts;
+        # a schedule they could not see (or an LR changed by hand) reaches here: land on the anchor
+        # (c = 1) rather than crash mid-run, and say so once.
+        if not self._clamp_warned:
+            self._clamp_warned = True
+            logger.warning(
+                "PALSGD step %d: pull coefficient c = lr*eta/p = %g*%g/%g > 1 at this learning rate; using c = 1 "
+                "(the worker lands on the anchor). Lower mixing_rate to at most %g for learning rates this high.",
+                self.step, lr, self.config.mixing_rate, self.config.pseudo_sync_prob,
+                self.config.pseudo_sync_prob / lr,
+            )
+        return 1.0
 
     def _pull(self) -> None:
         """x <- x - c (x - x_bar) = lerp(x, x_bar, c), per parameter group (each has its own lr)."""
+        groups = self.adapter.owned_groups()
+        self._check_aligned([t for g in groups for t in g.tensors])
         anchors = iter(self._anchor.tensors)
         with torch.no_grad():
-            for group in self.adapter.owned_groups():
+            for group in groups:
                 c = self._coefficient(group)
                 self.last_mixing_coefficient = c
                 group_anchors = [next(anchors) for _ in group.tensors]
-                if c > 0:
+                if c > 0 and group.tensors:  # a group may own nothing (e.g. LoRA's empty no-decay group)
                     _lerp_(group.tensors, group_anchors, c)
         self.adapter.after_write()
 
@@ -221,6 +296,7 @@ class PALSGD:
         if self._pending is not None:
             self._apply_pending()
         tensors = self._owned_tensors()
+        self._sync_buffers()
         exchange = self._exchange_pseudo_gradient(tensors)
         flat = exchange.wait()
         self.sync_seconds_blocked += exchange.seconds_blocked
@@ -243,6 +319,7 @@ class PALSGD:
     def _launch_sync(self) -> None:
         """The first half of an overlapped sync: start the average, remember x_launch, keep training."""
         tensors = self._owned_tensors()
+        self._sync_buffers()
         exchange = self._exchange_pseudo_gradient(tensors)
         self._pending = PendingSync.launch(
             exchange, tensors, self._anchor.tensors, self.step, self.config.overlap_steps
@@ -288,19 +365,68 @@ class PALSGD:
 
     def _all_finite(self, *tensors: torch.Tensor) -> bool:
         finite = all(bool(torch.isfinite(t).all()) for t in tensors)
-        bad = torch.tensor([0.0 if finite else 1.0])
+        # On the data's device: the replica group may be NCCL, which serves CUDA tensors only.
+        bad = torch.tensor([0.0 if finite else 1.0], device=tensors[0].device if tensors else None)
         if self.replica.size > 1:
             # Shards of one replica must agree, or half a model would be updated.
             self.replica.all_reduce_max(bad)
         return bad.item() == 0.0
 
     def _owned_tensors(self) -> list[torch.Tensor]:
-        return [t for g in self.adapter.owned_groups() for t in g.tensors]
+        tensors = [t for g in self.adapter.owned_groups() for t in g.tensors]
+        self._check_aligned(tensors)
+        return tensors
+
+    def _check_aligned(self, tensors: list[torch.Tensor]) -> None:
+        """Anchors pair with owned tensors by position: a changed list would pair them wrongly."""
+        anchor = self._anchor
+        if anchor is None:
+            return
+        if len(tensors) != len(anchor.tensors) or any(t.shape != a.shape for t, a in zip(tensors, anchor.tensors)):
+            raise RuntimeError(
+                f"PALSGD step {self.step}: the tensors this rank trains changed since the local phase started "
+                f"({len(anchor.tensors)} with an anchor, now {len(tensors)}; e.g. a parameter was frozen or unfrozen, "
+                "or an optimizer group added). PALSGD keeps one anchor per trained tensor from its first local step: "
+                "set requires_grad and the optimizer's groups before training, or restart from a checkpoint."
+            )
+
+    def _sync_buffers(self) -> None:
+        """Average the model's floating-point buffers over all ranks (blocking; every rank is here)."""
+        buffers_of = getattr(self.adapter, "sync_buffers", None)
+        buffers = buffers_of() if buffers_of is not None else []
+        if not buffers or (self.peers.size == 1 and self.replica.size == 1):
+            return
+        flat = torch.cat([b.detach().flatten().to(torch.float32) for b in buffers])
+        # The mean over the replica, then over the peers, is the mean over all ranks.
+        if self.replica.size > 1:
+            self.replica.all_reduce_mean(flat)
+        if self.peers.size > 1:
+            self.peers.all_reduce_mean(flat)
+        offset = 0
+        with torch.no_grad():
+            for b in buffers:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
 
     def _set_gradient_sync(self, enabled: bool) -> None:
         if self._grad_sync is not enabled:
             self.adapter.set_gradient_sync(enabled)
             self._grad_sync = enabled
+
+    def adopt_global_model(self) -> None:
+        """Every worker takes the anchor (the global model) now, without communicating.
+
+        For a state loaded from a checkpoint that is to become the final model (the Trainer's
+        ``load_best_model_at_end``): the anchor is the global model that was evaluated there. An
+        overlapped sync that was in flight is dropped (its result did not exist at that step).
+        """
+        if self._anchor is None:
+            return
+        self._pending = None
+        tensors = self._owned_tensors()
+        self._anchor.write_to(tensors)
+        self.adapter.after_write()
+        self._since_sync = 0
 
     # ------------------------------------------------------------------ evaluation
     @contextlib.contextmanager
@@ -339,6 +465,7 @@ class PALSGD:
         out["comm_seconds_overlapped"] = self.peers.stats.seconds_overlapped
         out["drift"] = self.last_drift
         out["mixing_coefficient"] = self.last_mixing_coefficient
+        out.update(self.guard.metrics())
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -359,12 +486,13 @@ class PALSGD:
             "peers_stats": self.peers.stats.state_dict(),
             "replica_stats": self.replica.stats.state_dict(),
             "replica_index": self.replica_index,
+            "guard": self.guard.state_dict(),
             "config": self.config.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved_cfg = state.get("config", {})
-        for key in ("method", "sync_interval", "shard_size"):
+        for key in ("method", "sync_interval", "shard_size", "coins"):
             if key in saved_cfg and saved_cfg[key] != getattr(self.config, key):
                 raise ValueError(
                     f"the checkpoint was written with {key}={saved_cfg[key]!r} but this run has "
@@ -390,11 +518,18 @@ class PALSGD:
             self._anchor = Anchor(self._owned_tensors(), self.config, self.anchor_device)
             self._anchor.load_state_dict(state["anchor"])
         self.sync_seconds_blocked = float(state.get("sync_seconds_blocked", 0.0))
+        self.guard.load_state_dict(state.get("guard", {}))
         self._pending = None
         if state.get("pending_sync") is not None:
             device = self._owned_tensors()[0].device
             self._pending = PendingSync.from_state(state["pending_sync"], self.peers, self._anchor.tensors, device)
         self._grad_sync = None  # re-applied to the backend at the next step
+
+
+def _job_guard(config: PALSGDConfig) -> CollectiveGuard:
+    """The guard of this rank in the running job (inactive with one replica or no process group)."""
+    t = Topology.from_environment(config.shard_size)
+    return CollectiveGuard(t.replica_ranks(t.replica_index), t.num_replicas, refuse=config.coins == "per_replica")
 
 
 _COUNTER_OF = {

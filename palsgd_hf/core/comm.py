@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .collective_guard import palsgd_issuing
+
 
 @dataclass
 class CommStats:
@@ -154,7 +156,7 @@ class MeanExchange:
             return ex
         n = comm.size
         chunk = -(-flat.numel() // n)
-        send = torch.zeros(chunk * n, dtype=wire, device=flat.device)
+        send = torch.zeros(chunk * n, dtype=wire, device=comm.device or flat.device)
         send[: flat.numel()].copy_(flat)
         ex._buffer = torch.empty_like(send)
         if n > 1:
@@ -241,6 +243,24 @@ class Communicator:
         self.group = group
         self.timeout = timeout
         self.stats = CommStats()
+        self._device: Optional[torch.device] = None
+        self._device_known = False
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        """The device the backend needs tensors on: CUDA for NCCL, None (any) for gloo."""
+        if not self._device_known:
+            initialized = dist.is_available() and dist.is_initialized()
+            self._device = collective_device(dist.get_backend(self.group)) if initialized else None
+            self._device_known = True
+        return self._device
+
+    def placed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` itself, or a copy on :attr:`device` (NCCL serves CUDA tensors only)."""
+        device = self.device
+        if device is None or tensor.device == device:
+            return tensor
+        return tensor.to(device)
 
     @property
     def size(self) -> int:
@@ -266,8 +286,10 @@ class Communicator:
         if size == 1:
             return PendingReduce(self, tensor, None, 1)
         self.record(tensor.numel() * tensor.element_size())
+        tensor = self.placed(tensor)  # the handle returns the reduced tensor on the wire's device
         # Gloo has no AVG op, so every backend sums and the handle divides: one code path.
-        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        with palsgd_issuing():
+            work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         return PendingReduce(self, tensor, work, size)
 
     def mean_exchange_async(self, flat: torch.Tensor, wire: Optional[torch.dtype] = None) -> MeanExchange:
@@ -280,7 +302,9 @@ class Communicator:
         if self.size == 1:
             output.copy_(input)
             return None
-        return dist.all_to_all_single(output, input, group=self.group, async_op=True)
+        _check_placed(self, output, input)
+        with palsgd_issuing():
+            return dist.all_to_all_single(output, input, group=self.group, async_op=True)
 
     def all_gather_async(self, output: torch.Tensor, input: torch.Tensor):
         """Rank i's ``input`` lands in chunk i of every rank's ``output``."""
@@ -289,14 +313,20 @@ class Communicator:
             return None
         # Newer torch calls all_gather_into_tensor all_gather_single (and warns on the old name).
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        return gather(output, input, group=self.group, async_op=True)
+        _check_placed(self, output, input)
+        with palsgd_issuing():
+            return gather(output, input, group=self.group, async_op=True)
 
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise max over the group, blocking (used for small flags)."""
         if self.size > 1:
             self.record(tensor.numel() * tensor.element_size())
             start = time.perf_counter()
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group)
+            wire = self.placed(tensor)
+            with palsgd_issuing():
+                dist.all_reduce(wire, op=dist.ReduceOp.MAX, group=self.group)
+            if wire is not tensor:
+                tensor.copy_(wire)
             self.stats.seconds_blocked += time.perf_counter() - start
         return tensor
 
@@ -307,13 +337,35 @@ class Communicator:
                 self.record(tensor.numel() * tensor.element_size())
             start = time.perf_counter()
             src = dist.get_global_rank(self.group, src_group_rank) if self.group is not None else src_group_rank
-            dist.broadcast(tensor, src=src, group=self.group)
+            wire = self.placed(tensor)
+            with palsgd_issuing():
+                dist.broadcast(wire, src=src, group=self.group)
+            if wire is not tensor:
+                tensor.copy_(wire)
             self.stats.seconds_blocked += time.perf_counter() - start
         return tensor
 
     def barrier(self) -> None:
         if self.size > 1:
-            dist.barrier(group=self.group)
+            with palsgd_issuing():
+                dist.barrier(group=self.group)
+
+
+def collective_device(backend: str) -> Optional[torch.device]:
+    """Where a backend needs the tensors of a collective: NCCL (and a NCCL+gloo pair, which picks
+    by device) on the current CUDA device, gloo anywhere (CPU, or CUDA through a host copy)."""
+    if "nccl" in str(backend).lower() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def _check_placed(comm: Communicator, *tensors: torch.Tensor) -> None:
+    device = comm.device
+    if device is not None and any(t.device != device for t in tensors):
+        raise RuntimeError(
+            f"PALSGD internal error: a collective got tensors on {[str(t.device) for t in tensors]} but the "
+            f"{dist.get_backend(comm.group)} backend needs {device}; please report it."
+        )
 
 
 class LocalCommunicator(Communicator):
@@ -321,6 +373,7 @@ class LocalCommunicator(Communicator):
 
     def __init__(self):
         super().__init__(group=None)
+        self._device_known = True  # no backend: no collective ever runs
 
     @property
     def size(self) -> int:

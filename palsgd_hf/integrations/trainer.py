@@ -12,7 +12,9 @@ the arguments are not :class:`PALSGDTrainingArguments`. The hooks, in the order 
   optimizer is wrapped in :class:`PALSGDOptimizer`, so the Trainer's ``optimizer.step()`` is a
   PALSGD step; on resume each rank's own PALSGD file is read back.
 * ``get_batch_samples``: the step's kind is drawn before its micro-batches run, so DDP's gradient
-  all-reduce is already off when accelerate's ``no_sync`` saves and restores it.
+  all-reduce is already off when accelerate's ``no_sync`` saves and restores it. The kind is kept
+  for the whole optimizer step (later hooks never draw), and the step's interior, up to the
+  optimizer step, is watched by the collective guard (palsgd_hf/core/collective_guard.py).
 * ``_get_num_items_in_batch`` / ``training_step``: a pseudo-sync step reads its micro-batches but
   computes nothing; a local gradient step normalizes its loss by its own token count, with no
   all-gather of counts (that would be per-step traffic).
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -63,6 +66,7 @@ class PALSGDTrainerMixin:
         self.palsgd: Optional[PALSGD] = None
         self._palsgd_computed_at_log = 0
         self._palsgd_peak_c: Optional[float] = None  # logged once, with the first training log
+        self._palsgd_step_kind: Optional[StepKind] = None  # the kind of the optimizer step in progress
 
     # ------------------------------------------------------------------ set-up and resume
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
@@ -76,6 +80,7 @@ class PALSGDTrainerMixin:
             message = reliability.worker_fault_message(
                 err, rank=self.args.process_index, step=self.state.global_step,
                 timeout=reliability.collective_timeout(self.args), output_dir=self.args.output_dir,
+                where=self.palsgd.describe_step() if self.palsgd is not None else None,
             )
             logger.error(message)
             raise reliability.WorkerFaultError(message) from err
@@ -100,6 +105,9 @@ class PALSGDTrainerMixin:
                 )
             self.palsgd = attach(self.model_wrapped, self.palsgd_config, comm_timeout=timeout)
             self.optimizer = DeepSpeedStepOptimizer(self.optimizer, self.palsgd)
+            # The engine takes gradient steps inside backward; the step's interior (token counting,
+            # on_pre_optimizer_step, grad-norm logging) goes on until the Trainer's optimizer.step().
+            self.palsgd.defer_step_end = True
             # ---- end DeepSpeed
         else:
             model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
@@ -119,8 +127,12 @@ class PALSGDTrainerMixin:
         if cfg.is_ddp:
             logger.info("PALSGD method 'ddp': every step is a synchronous data-parallel step.")
             return
-        peak = max(float(g.get("initial_lr", g["lr"])) for g in self.optimizer.param_groups)
-        self._palsgd_peak_c = cfg.check_mixing_coefficient(peak)  # raises if c > 1 with this optimizer's LR
+        # The peak over the whole schedule (OneCycle/cyclic schedules peak mid-run), checked before any step.
+        peak = schedule_peak_lr(self.optimizer, self.lr_scheduler, self.state.max_steps)
+        try:
+            self._palsgd_peak_c = cfg.check_mixing_coefficient(peak)
+        except ValueError as err:
+            raise type(err)(f"at the schedule's peak learning rate {peak:g}: {err}") from None
         logger.info(
             "PALSGD: method=%s H=%d p=%g eta=%g warm-up=%d steps; pull per pseudo-sync step c = lr*eta/p = %.4g at "
             "the peak learning rate %g (aim for ~0.01-0.1).",
@@ -175,11 +187,15 @@ class PALSGDTrainerMixin:
 
     # ------------------------------------------------------------------ the step
     def _palsgd_kind(self) -> Optional[StepKind]:
+        # The kind drawn for the optimizer step in progress. Never drawn here: under DeepSpeed the
+        # engine finishes the PALSGD step inside backward, and a later hook would draw the next coin.
         # Only inside train(): evaluation and prediction never draw a coin.
-        return self.palsgd.step_kind() if self.palsgd is not None and self.is_in_train else None
+        return self._palsgd_step_kind if self.palsgd is not None and self.is_in_train else None
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        self._palsgd_kind()  # draw the coin, switch backend gradient sync before any micro-batch runs
+        if self.palsgd is not None and self.is_in_train:
+            # Draw the coin and switch backend gradient sync before any micro-batch runs.
+            self._palsgd_step_kind = self.palsgd.step_kind()
         return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -229,6 +245,9 @@ class PALSGDTrainerMixin:
         return self.palsgd.counters["warmup_steps"] + self.palsgd.counters["gradient_steps"]
 
     def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+        if self.palsgd is not None:
+            self.palsgd.end_step()  # a step boundary: every rank is at the same global step
+            self._palsgd_step_kind = None
         if self.palsgd is not None and self.state.global_step >= self.state.max_steps:
             # The last step: sync now, so that its evaluation and checkpoint see the final global model.
             # (max_steps is the same on every rank, so every rank joins this collective.)
@@ -279,6 +298,13 @@ class PALSGDTrainerMixin:
         with contextlib.nullcontext() if local else self._palsgd_global_weights():
             return super().evaluation_loop(*args, **kwargs)
 
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        if self.palsgd is not None and self.is_deepspeed_enabled:
+            # DeepSpeed restored each replica's own (drifted) partitions and, with them, the PALSGD state
+            # of that checkpoint; the model that was evaluated there, and is to be kept, is its anchor.
+            self.palsgd.adopt_global_model()
+
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         # Between syncs this writes the anchor (the last global model), never one worker's drifted copy.
         with self._palsgd_global_weights():
@@ -311,7 +337,7 @@ def resolve_palsgd_config(args: Any, palsgd_config: Optional[PALSGDConfig]) -> P
 _HOOKS = (
     "_prepare_for_training", "get_batch_samples", "_get_num_items_in_batch", "training_step", "_clip_grad_norm",
     "_get_grad_norm", "_maybe_log_save_evaluate", "_finalize_training", "_save_optimizer_and_scheduler",
-    "evaluation_loop", "save_model", "log", "floating_point_ops", "_save_rng_state", "train",
+    "evaluation_loop", "save_model", "log", "floating_point_ops", "_save_rng_state", "train", "_load_best_model",
 )
 
 
@@ -328,6 +354,38 @@ def _check_hooks(cls: type) -> None:
             f"PALSGDTrainer relies on Trainer methods {missing}, which transformers {transformers.__version__} does "
             "not have; install a transformers version this package supports (see pyproject.toml)."
         )
+
+
+def schedule_peak_lr(optimizer: Any, scheduler: Any, steps: int) -> float:
+    """The highest learning rate ``scheduler`` gives any parameter group over ``steps`` steps.
+
+    Trainer schedules are ``LambdaLR``s: their lambdas are evaluated directly (nothing is stepped).
+    Other schedulers are stepped on a saved state and restored; ReduceLROnPlateau, DeepSpeed's own
+    schedulers and anything that cannot be replayed fall back to the groups' initial learning rates.
+    """
+    initial = max(float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups)
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps one
+    steps = max(1, min(int(steps or 1), 1_000_000))
+    if isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
+        return max(base * float(fn(t)) for base, fn in zip(inner.base_lrs, inner.lr_lambdas) for t in range(steps + 1))
+    if not isinstance(inner, torch.optim.lr_scheduler.LRScheduler) or isinstance(
+        inner, torch.optim.lr_scheduler.ReduceLROnPlateau
+    ):
+        return initial
+    groups = inner.optimizer.param_groups
+    saved_lrs, saved_state = [g["lr"] for g in groups], inner.state_dict()
+    peak = max(initial, *saved_lrs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
+            for _ in range(steps):
+                inner.step()
+                peak = max(peak, *(float(g["lr"]) for g in groups))
+    finally:
+        inner.load_state_dict(saved_state)
+        for g, lr in zip(groups, saved_lrs):
+            g["lr"] = lr
+    return peak
 
 
 class PALSGDTrainer(PALSGDTrainerMixin, Trainer):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from ..config import ANCHOR_DEVICES, COMM_DTYPES, METHODS, OUTER_OPTIMIZERS, PALSGDConfig, PALSGDConfigError
+from ..config import ANCHOR_DEVICES, COINS, COMM_DTYPES, METHODS, OUTER_OPTIMIZERS, PALSGDConfig, PALSGDConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class PALSGDTrainingArguments(TrainingArguments):
     palsgd_outer_lr: Optional[float] = _twin("outer_lr")
     palsgd_outer_momentum: Optional[float] = _twin("outer_momentum")
     palsgd_seed: int = _twin("seed")
+    palsgd_coins: str = _twin("coins", COINS)
     palsgd_shard_size: int = _twin("shard_size")
     palsgd_overlap_steps: int = _twin("overlap_steps")
     palsgd_comm_dtype: str = _twin("comm_dtype", COMM_DTYPES)
@@ -143,9 +144,12 @@ def check_training_args(config: PALSGDConfig, args: TrainingArguments) -> None:
 
     Runs on the raw argument values (before or after ``TrainingArguments.__post_init__``).
     """
-    if getattr(args, "fsdp", None):
+    # `accelerate launch --use_fsdp` (or an FSDP accelerate config) switches FSDP on through the environment.
+    fsdp_from_launcher = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+    if getattr(args, "fsdp", None) or fsdp_from_launcher:
+        where = f"fsdp={args.fsdp!r}" if getattr(args, "fsdp", None) else "ACCELERATE_USE_FSDP (accelerate --use_fsdp)"
         raise PALSGDConfigError(
-            f"fsdp={args.fsdp!r} cannot be combined with PALSGD: there is no FSDP adapter yet; shard each worker "
+            f"{where} cannot be combined with PALSGD: there is no FSDP adapter yet; shard each worker "
             "with DeepSpeed ZeRO (deepspeed=... and palsgd_shard_size) or train with plain DDP."
         )
     if _optimizer_name(args.optim) in _STEP_IN_BACKWARD:
@@ -175,6 +179,12 @@ def check_training_args(config: PALSGDConfig, args: TrainingArguments) -> None:
                 "palsgd_sync_interval=%d is longer than the %d steps after warm-up: the only global sync is the "
                 "final one at the end of training.", config.sync_interval, local_steps,
             )
+    if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False) and config.coins == "per_replica":
+        raise PALSGDConfigError(
+            f"include_num_input_tokens_seen={args.include_num_input_tokens_seen!r} all-gathers a token count over all "
+            "ranks inside every step, which hangs with palsgd_coins='per_replica' (replicas run different steps); "
+            "use palsgd_coins='shared' (the default) or include_num_input_tokens_seen='no'."
+        )
     if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False):
         logger.warning(
             "include_num_input_tokens_seen=%r all-gathers a token count after every micro-batch, also between "

@@ -41,15 +41,20 @@ def test_workers_identical_after_sync_and_differ_between(tmp_path, ddp):
     assert a["metrics"]["outer_syncs"] == sum(1 for t in range(3, steps) if (t + 1) % H == 0)
 
 
-def test_coins_agree_within_replica_and_differ_across(tmp_path):
-    res = torchrun("core_run.py", 4, tmp_path, "--shard-size", "2", "--warmup", "0", "--steps", "300", "--p", "0.3", "--H", "10")
+@pytest.mark.parametrize("coins", ["per_replica", "shared"])
+def test_coins_agree_within_replica_and_per_replica_coins_differ_across(tmp_path, coins):
+    res = torchrun("core_run.py", 4, tmp_path, "--shard-size", "2", "--warmup", "0", "--steps", "300", "--p", "0.3",
+                   "--H", "10", "--coins", coins)
     by_replica = {}
     for r in res:
         by_replica.setdefault(r["replica"], []).append(r["kinds"])
     assert sorted(by_replica) == [0, 1]
     for kinds in by_replica.values():
         assert kinds[0] == kinds[1], "ranks of one replica flipped different coins"
-    assert by_replica[0][0] != by_replica[1][0], "two replicas flipped identical coins"
+    if coins == "per_replica":
+        assert by_replica[0][0] != by_replica[1][0], "two replicas flipped identical coins"
+    else:
+        assert by_replica[0][0] == by_replica[1][0], "shared coins: the replicas ran different step kinds"
     for kinds in by_replica.values():
         frac = kinds[0].count("pseudo_sync") / len(kinds[0])
         assert abs(frac - 0.3) < 0.08, f"pseudo-sync fraction {frac} far from p=0.3"

@@ -71,7 +71,9 @@ def reference(cfg: PALSGDConfig, workers: int, steps: int):
     w0, b0 = initial_weights()
     xs = [[w0.clone(), b0.clone()] for _ in range(workers)]
     opts = [RefAdamW([D, 1]) for _ in range(workers)]
-    seeds = [(cfg.seed * 1_000_003 + k * 7_919 + 17) % (2**63 - 1) for k in range(workers)]
+    # Shared coins: every worker draws from the stream of replica 0; per-replica coins: worker k from its own.
+    streams = [k if cfg.coins == "per_replica" else 0 for k in range(workers)]
+    seeds = [(cfg.seed * 1_000_003 + k * 7_919 + 17) % (2**63 - 1) for k in streams]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     anchor, buf, kinds = None, None, [[] for _ in range(workers)]
     p, eta, mu = cfg.pseudo_sync_prob, cfg.mixing_rate, cfg.outer_momentum
@@ -144,6 +146,10 @@ def run_core(cfg: PALSGDConfig, workers: int, steps: int):
 SETTINGS = [
     pytest.param(PALSGDConfig(sync_interval=4, pseudo_sync_prob=0.3, mixing_rate=2.0, warmup_steps=3), 3, 23, id="palsgd-H4-p0.3-warm3"),
     pytest.param(
+        PALSGDConfig(sync_interval=4, pseudo_sync_prob=0.3, mixing_rate=2.0, warmup_steps=3, coins="per_replica"),
+        3, 23, id="palsgd-H4-p0.3-warm3-per-replica-coins",
+    ),
+    pytest.param(
         PALSGDConfig(sync_interval=5, pseudo_sync_prob=0.5, mixing_rate=1.5, warmup_steps=0, outer_lr=0.5, outer_momentum=0.8, seed=3),
         2, 20, id="palsgd-H5-p0.5-nowarm",
     ),
@@ -164,13 +170,18 @@ def test_core_matches_float64_reference(cfg, workers, steps):
             1 for t in range(cfg.warmup_steps, steps) if (t + 1) % cfg.sync_interval == 0
         )
         assert metrics["pseudo_syncs"] == ref_kinds[k].count("pseudo_sync")
-    if cfg.pseudo_sync_prob > 0:
+    if cfg.pseudo_sync_prob > 0 and cfg.coins == "per_replica":
         # Replicas draw independent coins: their step kinds must not all coincide.
         assert len({tuple(r[1]) for r in results}) > 1
+    elif cfg.pseudo_sync_prob > 0:
+        # Shared coins: every replica runs the same kind of step at every step.
+        assert len({tuple(r[1]) for r in results}) == 1
+        assert "pseudo_sync" in results[0][1] and "gradient" in results[0][1]
 
 
-def test_workers_differ_between_syncs_and_agree_after():
-    cfg = PALSGDConfig(sync_interval=4, pseudo_sync_prob=0.3, mixing_rate=2.0, warmup_steps=2)
+@pytest.mark.parametrize("coins", ["shared", "per_replica"])
+def test_workers_differ_between_syncs_and_agree_after(coins):
+    cfg = PALSGDConfig(sync_interval=4, pseudo_sync_prob=0.3, mixing_rate=2.0, warmup_steps=2, coins=coins)
     at_sync = run_core(cfg, 3, 10)  # step 10: 10 % 4 != 0, workers drifted since the sync at 8
     assert not torch.equal(at_sync[0][0][0], at_sync[1][0][0])
     synced = run_core(cfg, 3, 12)  # the sync after step index 11

@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--eta", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--shard-size", type=int, default=1)
+    ap.add_argument("--coins", default="shared", choices=["shared", "per_replica"])
     ap.add_argument("--inner", default="adamw", choices=["adamw", "sgd"])
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--ddp", action="store_true", help="wrap the model in DistributedDataParallel")
@@ -44,7 +45,7 @@ def main() -> None:
         inner = torch.optim.AdamW(model.parameters(), lr=args.lr)
     cfg = PALSGDConfig(
         method=args.method, sync_interval=args.H, pseudo_sync_prob=args.p, mixing_rate=args.eta,
-        warmup_steps=args.warmup, shard_size=args.shard_size,
+        warmup_steps=args.warmup, shard_size=args.shard_size, coins=args.coins,
     )
     opt = wrap_optimizer(model, inner, cfg)
     algo = opt.algorithm

@@ -93,6 +93,9 @@ def main() -> None:
     cfg = PALSGDConfig(
         sync_interval=args.H, pseudo_sync_prob=args.p, warmup_steps=args.warmup, mixing_rate=1.0,
         shard_size=S if args.mode == "ds" else 1, seed=3,
+        # Independent coins per replica: the reference then runs different step kinds per replica, and the
+        # collective guard (refusing mode) must let every ZeRO-internal collective through.
+        coins="per_replica",
     )
     model = make_model()
     inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
