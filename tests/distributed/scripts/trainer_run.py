@@ -38,11 +38,14 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--p", type=float, default=0.25)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--lr", type=float, default=0.003)
+    ap.add_argument("--optim", default="adamw_torch", help="the inner optimizer (TrainingArguments.optim)")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--ga", type=int, default=1)
     ap.add_argument("--eval-steps", type=int, default=0)
     ap.add_argument("--eval-on", default="global")
     ap.add_argument("--save-steps", type=int, default=0)
+    ap.add_argument("--save-model-at", type=int, default=0,
+                    help="call trainer.save_model(<run-dir>/model-at-N) at the end of this optimizer step")
     ap.add_argument("--crash-at", type=int, default=0, help="exit (as if killed) after the checkpoint at this step")
     ap.add_argument("--resume", default=None)
     ap.add_argument("--sequential", action="store_true", help="train_sampling_strategy='sequential'")
@@ -93,6 +96,7 @@ class Recorder(TrainerCallback):
 
     def __init__(self, args, out: Path, rank: int):
         self.args, self.out, self.rank = args, out, rank
+        self.trainer = None
         self.steps: list[dict] = []
         self.sync_snapshot = None
         self.snapshots: dict[str, torch.Tensor] = {}
@@ -115,6 +119,12 @@ class Recorder(TrainerCallback):
             self.snapshots["local_at_eval"] = flat(model)
         if state.global_step == self.args.steps:
             self.snapshots["local_last"] = flat(model)
+        if state.global_step == self.args.save_model_at:
+            # What a user's save_model() between two syncs writes; the weights must be this rank's own again after.
+            self.snapshots["anchor_at_save"] = self.sync_snapshot
+            self.snapshots["local_at_save"] = flat(model)
+            self.trainer.save_model(str(Path(self.args.run_dir) / f"model-at-{state.global_step}"))
+            self.snapshots["after_save"] = flat(model)
 
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == self.args.crash_at:
@@ -151,7 +161,7 @@ def main() -> None:
     common = dict(
         output_dir=args.run_dir, max_steps=args.steps, per_device_train_batch_size=args.bs,
         per_device_eval_batch_size=8, gradient_accumulation_steps=args.ga, learning_rate=args.lr,
-        lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, report_to="none", seed=0,
+        optim=args.optim, lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, report_to="none", seed=0,
         eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps or None,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         train_sampling_strategy="sequential" if args.sequential else "random",
@@ -171,8 +181,10 @@ def main() -> None:
     rank, world = training_args.process_index, training_args.world_size
     tokenizer, train, val = datasets(args, training_args)
     model = build_causal_lm(tokenizer=tokenizer, seed=0)
+    initial = flat(model)
     recorder = Recorder(args, out, rank)
     trainer = cls(model=model, args=training_args, train_dataset=train, eval_dataset=val, callbacks=[recorder], **extra)
+    recorder.trainer = trainer
     trainer.micro_batches = []
     result = trainer.train(resume_from_checkpoint=args.resume)
 
@@ -183,6 +195,9 @@ def main() -> None:
     dist.barrier()
     saved = load_file(str(final_dir / "model.safetensors"))
     named = dict(trainer.model.named_parameters())
+    if args.save_model_at:  # rank 0 wrote it during training; every rank reads it back (after the barrier above)
+        mid = load_file(str(Path(args.run_dir) / f"model-at-{args.save_model_at}" / "model.safetensors"))
+        recorder.snapshots["saved_at_save"] = torch.cat([mid[k].float().flatten() for k in named])
     saved_diff = max((saved[k].float() - p.detach()).abs().max().item() for k, p in named.items() if k in saved)
     missing = [k for k in named if k not in saved]
 
@@ -195,7 +210,7 @@ def main() -> None:
             post_eval[key] = trainer.evaluate()["eval_loss"]
         torch.nn.utils.vector_to_parameters(final, trainer.model.parameters())
 
-    torch.save({"final": final, **recorder.snapshots}, out / f"rank{rank}.pt")
+    torch.save({"initial": initial, "final": final, **recorder.snapshots}, out / f"rank{rank}.pt")
     (out / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "world": world, "steps": recorder.steps, "micro_batches": trainer.micro_batches,
         "log_history": trainer.state.log_history, "train_metrics": result.metrics, "metrics": trainer.palsgd.metrics(),
