@@ -135,7 +135,9 @@ class PALSGDAccelerate:
         self.accelerator.register_save_state_pre_hook(self._save_hook)
         self.accelerator.register_load_state_pre_hook(self._load_hook)
         self.accelerator.register_for_checkpointing(_RankStateLoader(self))
-        self.algorithm.step_kind()  # the first step's coin, before any accumulate() (see module doc)
+        # The first step's coin, before any accumulate() (see module doc). prepare_step(), not step_kind(): the
+        # step's interior, watched by the collective guard, starts only at should_compute().
+        self.algorithm.prepare_step()
         return self.optimizer
 
     # ------------------------------------------------------------------ the loop
@@ -173,7 +175,7 @@ class PALSGDAccelerate:
             self.algorithm.finalize()
 
     def _after_step(self, kind: StepKind) -> None:
-        self.algorithm.step_kind()  # draw the next step's coin now, before accumulate() enters no_sync
+        self.algorithm.prepare_step()  # draw the next step's coin now, before accumulate() enters no_sync
         if kind is StepKind.PSEUDO_SYNC:
             _settle_skipped_inner_step(self.optimizer.optimizer)
 
@@ -218,7 +220,7 @@ class PALSGDAccelerate:
         self.algorithm.load_state_dict(state["algorithm"])
         # The restored next-step kind was drawn before the save; put DDP's sync flags back to match
         # it now, since the algorithm re-applies them only when it draws a new coin.
-        kind = self.algorithm.step_kind()
+        kind = self.algorithm.prepare_step()
         self.algorithm.adapter.set_gradient_sync(kind is StepKind.WARMUP)
         logger.info("Restored PALSGD rank state from %s (step %d)", path, self.algorithm.step)
 

@@ -44,6 +44,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from transformers import Trainer
+from transformers.utils import logging as hf_logging
 
 from .. import reliability
 from ..config import PALSGDConfig
@@ -62,6 +63,7 @@ class PALSGDTrainerMixin:
     def __init__(self, *args: Any, palsgd_config: Optional[PALSGDConfig] = None, **kwargs: Any):
         _check_hooks(type(self))
         super().__init__(*args, **kwargs)
+        _follow_transformers_logging(self.args.get_process_log_level())
         self.palsgd_config = resolve_palsgd_config(self.args, palsgd_config)
         self.palsgd: Optional[PALSGD] = None
         self._palsgd_computed_at_log = 0
@@ -309,6 +311,18 @@ class PALSGDTrainerMixin:
         # Between syncs this writes the anchor (the last global model), never one worker's drifted copy.
         with self._palsgd_global_weights():
             super().save_model(output_dir, _internal_call)
+
+
+def _follow_transformers_logging(level: int) -> None:
+    """palsgd_hf's log lines go where the Trainer's go, at the level ``--log_level`` sets (as the Trainer
+    does for transformers' own loggers): without it, the INFO lines (the pull coefficient c, resumes)
+    never show in a user's script. Done once a trainer exists, never at import."""
+    ours = logging.getLogger("palsgd_hf")
+    ours.setLevel(level)
+    if not ours.handlers:
+        for handler in hf_logging.get_logger().handlers:  # transformers' library root logger
+            ours.addHandler(handler)
+        ours.propagate = not ours.handlers
 
 
 def resolve_palsgd_config(args: Any, palsgd_config: Optional[PALSGDConfig]) -> PALSGDConfig:
