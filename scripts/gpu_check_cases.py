@@ -451,7 +451,7 @@ class Context:
         self.trainer_steps = 200 if cuda and not quick else 48 if not quick else 32
         self.batch_size = 16 if cuda else 4
         self.logging_steps = 5 if self.trainer_steps >= 100 else 2
-        self.dist_steps = 96 if cuda and not quick else 32
+        self.dist_steps = 96 if cuda and not quick else 24 if quick else 32
 
 
 def main() -> None:
