@@ -4,7 +4,9 @@
 Run A is launched the way the example's docstring says (``accelerate launch --multi_gpu``, which on
 a CPU-only machine is 2 gloo processes because the example passes ``Accelerator(cpu=cpu_only())``);
 it saves a checkpoint after step 11, between syncs, where the two replicas differ. Run B resumes
-from it under torchrun and must end bit-identical to run A.
+from it under torchrun and must end bit-identical to run A. The example runs unchanged inside
+scripts/accelerate_loop_probe.py, which records the weights its evaluate() sees: it evaluates every
+4 steps, also in the middle of the syncing periods, where it must score the global model.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "accelerate_loop.py"
-# 24 optimizer steps of 2 micro-batches: 6 warm-up steps, then syncs after steps 12, 18 and 24.
+PROBE = ROOT / "tests" / "distributed" / "scripts" / "accelerate_loop_probe.py"  # runs examples/accelerate_loop.py
+# 24 optimizer steps of 2 micro-batches: 6 warm-up steps, then syncs after steps 12, 18 and 24; evaluations after
+# steps 4, 8, ..., 24 (8, 16 and 20 between two syncs).
 ARGS = ["--max_steps", "24", "--grad_accum", "2", "--batch_size", "4", "--warmup_steps", "6", "--sync_interval", "6",
-        "--eval_every", "12", "--max_eval_samples", "16", "--block_size", "64"]
+        "--eval_every", "4", "--max_eval_samples", "16", "--block_size", "64"]
+EVAL_STEPS = [4, 8, 12, 16, 20, 24]
 SAVE_AT = 11
 
 
@@ -36,10 +40,13 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def launch(launcher: list[str], out: Path, *extra: str) -> list[dict]:
     """Run the example on 2 processes; return the per-rank results."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([*launcher, str(EXAMPLE), *ARGS, *extra, "--output_dir", str(out)], capture_output=True,
+    proc = subprocess.run([*launcher, str(PROBE), *ARGS, *extra, "--output_dir", str(out)], capture_output=True,
                           text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, result in enumerate(results):
+        result["probe"] = json.loads((out / f"probe_rank{r}.json").read_text())
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +71,28 @@ def test_example_trains_palsgd_on_two_processes(run_a):
     assert a0["kinds"] != a1["kinds"], "the two replicas flipped identical coins"
     assert a0["weights_sha256"] == a1["weights_sha256"], "finalize() left the replicas different"
     assert a0["eval_loss"] == a1["eval_loss"] < math.log(2048)
-    assert [s for s, _ in a0["evals"]] == [12, 24]
+    assert [s for s, _ in a0["evals"]] == EVAL_STEPS
+
+
+@pytest.mark.timeout(300)
+def test_evaluation_between_syncs_scores_the_global_model(run_a):
+    _, (a0, a1) = run_a
+    probes = [a0["probe"], a1["probe"]]
+    assert [len(p) for p in probes] == [len(EVAL_STEPS) + 1] * 2  # + the evaluation after finalize()
+    at = {step: (probes[0][i], probes[1][i]) for i, step in enumerate(EVAL_STEPS)}
+    for step, rows in at.items():
+        for rank, row in enumerate(rows):
+            assert row["forwards"] > 0 and len(row["evaluated"]) == 1, (step, rank, row)
+            assert row["after"] == row["before"], f"step {step}, rank {rank}: the local weights were not restored"
+        # Every rank scores the same model: the global one.
+        assert rows[0]["evaluated"] == rows[1]["evaluated"], f"step {step}: the ranks evaluated different models"
+    for step in (4, 12, 24):  # in the warm-up and right after a sync every rank holds the global model itself
+        assert at[step][0]["before"] == at[step][1]["before"] == at[step][0]["evaluated"][0], step
+    for step in (8, 16, 20):  # between syncs the replicas have drifted apart; the anchor is swapped in
+        assert at[step][0]["before"] != at[step][1]["before"], f"step {step}: replicas identical between syncs"
+        assert all(row["evaluated"][0] != row["before"] for row in at[step]), step
+    # The anchor between two syncs is the model of the last sync (16: the one at 12; 20: the one at 18).
+    assert at[16][0]["evaluated"] == [at[12][0]["before"]] != at[20][0]["evaluated"]
 
 
 @pytest.mark.timeout(300)

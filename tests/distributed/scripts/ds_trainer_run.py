@@ -45,6 +45,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--p", type=float, default=0.25)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--optim", default="adamw_torch", help="the inner optimizer (TrainingArguments.optim)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--save-steps", type=int, default=0)
     ap.add_argument("--resume", default=None)
@@ -110,10 +111,12 @@ def main() -> None:
     # partitioned by deepspeed.initialize, within each replica.
     tokenizer = load_tokenizer("bpe-shakespeare-2048")
     model = build_causal_lm(tokenizer=tokenizer, seed=0)
+    initial = flat({name: p.detach().float().clone() for name, p in model.named_parameters()})
     training_args = PALSGDTrainingArguments(
         output_dir=args.run_dir, max_steps=args.steps, per_device_train_batch_size=args.bs,
         gradient_accumulation_steps=args.ga,
-        learning_rate=args.lr, lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, report_to="none",
+        learning_rate=args.lr, optim=args.optim, lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1,
+        report_to="none",
         seed=0, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         train_sampling_strategy="sequential", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
         bf16=args.bf16,
@@ -144,7 +147,7 @@ def main() -> None:
     engine = trainer.model_wrapped
     (out / f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "world": world, "replica": trainer.palsgd.replica_index, "rows": recorder.rows,
-        "synced": recorder.synced, "final": flat(final), "saved_max_diff": saved_diff,
+        "synced": recorder.synced, "initial": initial, "final": flat(final), "saved_max_diff": saved_diff,
         "saved_missing": [k for k in final if k not in saved],
         "log_history": trainer.state.log_history, "train_loss": result.metrics["train_loss"], "eval_loss": eval_loss,
         "metrics": trainer.palsgd.metrics(), "global_step": trainer.state.global_step,
