@@ -10,7 +10,10 @@ steps where replicas may run different code (tiny GPT-Neo, offline Shakespeare, 
   the first synced backward, which is then a local step);
 * ``compile``: ``torch_compile=True`` (accelerate returns ``OptimizedModule(DDP(...))``);
 * ``deepspeed-tokens``: DeepSpeed ZeRO-2 with ``include_num_input_tokens_seen`` (a gather after
-  every micro-batch, after the engine stepped inside backward on gradient steps).
+  every micro-batch, after the engine stepped inside backward on gradient steps);
+* ``deepspeed-best``: DeepSpeed ZeRO-2 with evaluations and checkpoints between syncs and
+  ``load_best_model_at_end``: the kept model must be the best checkpoint's global model (its
+  anchor), not each replica's own drifted weights.
 
 Writes rank{R}.json into --out: the final weights, the step kinds, the palsgd metrics and how many
 gloo collectives ran in the local phase.
@@ -33,7 +36,7 @@ from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments
 from palsgd_hf.models import build_causal_lm
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "deepspeed"
-CASES = ("gather-in-loss", "callback-all-reduce", "warmup-1", "compile", "deepspeed-tokens")
+CASES = ("gather-in-loss", "callback-all-reduce", "warmup-1", "compile", "deepspeed-tokens", "deepspeed-best")
 
 
 class GatherInLoss(PALSGDTrainer):
@@ -51,6 +54,22 @@ class AllReduceBeforeStep(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         dist.all_reduce(torch.ones(1))
+
+
+class AnchorAtSave(TrainerCallback):
+    """The global model (PALSGD's anchor over this rank's owned tensors) at every checkpoint."""
+
+    def __init__(self):
+        self.trainer = None
+        self.anchors: dict[int, str] = {}
+
+    def on_save(self, args, state, control, **kwargs):
+        algo = self.trainer.palsgd
+        self.anchors[state.global_step] = _sha(torch.cat([a.flatten() for a in algo._anchor.tensors]))
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().float().cpu().numpy().tobytes()).hexdigest()
 
 
 class KindRecorder(TrainerCallback):
@@ -92,10 +111,15 @@ def main() -> None:
         extra = {"torch_compile": True, "torch_compile_backend": "aot_eager"}  # no C++ compiler needed on CPU
     if args.case == "deepspeed-tokens":
         extra = {"deepspeed": str(RECIPES / "zero2.json"), "include_num_input_tokens_seen": "all"}
+    if args.case == "deepspeed-best":
+        # Evaluations and checkpoints at steps 7 and 14: two and four local steps after the syncs at 5 and 10.
+        extra = {"deepspeed": str(RECIPES / "zero2.json"), "eval_strategy": "steps", "eval_steps": 7,
+                 "save_strategy": "steps", "save_steps": 7, "load_best_model_at_end": True,
+                 "metric_for_best_model": "eval_loss", "per_device_eval_batch_size": 4}
     training_args = PALSGDTrainingArguments(
         output_dir=args.run_dir, max_steps=args.steps, per_device_train_batch_size=2, learning_rate=3e-3,
         lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=5, report_to="none", seed=0,
-        save_strategy="no", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        **({} if "save_strategy" in extra else {"save_strategy": "no"}), use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
         palsgd_sync_interval=args.H, palsgd_pseudo_sync_prob=args.p, palsgd_mixing_rate=1.0,
         palsgd_warmup_steps=1 if args.case == "warmup-1" else 2, palsgd_coins=args.coins,
         palsgd_comm_timeout_seconds=60, **extra,
@@ -103,16 +127,16 @@ def main() -> None:
     rank, world = training_args.process_index, training_args.world_size
     corpus = shakespeare_corpus()
     with training_args.main_process_first():
-        train, _ = build_lm_datasets(
+        train, val = build_lm_datasets(
             tokenizer, train_files=corpus.train_files[:2], validation_files=corpus.validation_files[:1],
             block_size=32, max_train_samples=2 * world * (args.steps + 2), max_eval_samples=8,
         )
-    recorder = KindRecorder()
-    callbacks = [recorder] + ([AllReduceBeforeStep()] if args.case == "callback-all-reduce" else [])
+    recorder, anchors = KindRecorder(), AnchorAtSave()
+    callbacks = [recorder, anchors] + ([AllReduceBeforeStep()] if args.case == "callback-all-reduce" else [])
     cls = GatherInLoss if args.case == "gather-in-loss" else PALSGDTrainer
-    trainer = cls(model=model, args=training_args, train_dataset=train, callbacks=callbacks)
+    trainer = cls(model=model, args=training_args, train_dataset=train, eval_dataset=val, callbacks=callbacks)
     trainer.gathered = []
-    recorder.trainer = trainer
+    recorder.trainer = anchors.trainer = trainer
     trainer.train()
     final = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     ddp = getattr(trainer.palsgd.adapter, "ddp", None)
@@ -122,6 +146,8 @@ def main() -> None:
         "gathered": len(trainer.gathered), "model_type": type(trainer.model_wrapped).__name__,
         "ddp_found": ddp is not None, "ddp_grad_sync": None if ddp is None else ddp.require_backward_grad_sync,
         "tokens_seen": trainer.state.num_input_tokens_seen,
+        "owned_sha": _sha(torch.cat([t.flatten() for g in trainer.palsgd.adapter.owned_groups() for t in g.tensors])),
+        "anchors_at_save": anchors.anchors, "best_checkpoint": trainer.state.best_model_checkpoint,
     }))
     dist.barrier()
     dist.destroy_process_group()
