@@ -288,20 +288,26 @@ def case_two_process(ctx: "Context") -> dict[str, Any]:
     phases, problems = {}, []
     for name in results[0]["phases"]:
         rows = [r["phases"][name] for r in results]
-        diff = same_weights(out, name)
         wrong = sorted({c for r in rows for c in r["wrong_device_calls"]})
+        if wrong:
+            problems.append(f"{name}: collectives got tensors on the wrong device: {wrong}")
+        errors = [f"rank {r}: {row['error']}" for r, row in enumerate(rows) if "error" in row]
+        if errors:
+            phases[name] = {"errors": errors, "wrong_device_calls": wrong}
+            problems.append(f"{name} failed: {errors[0]}")
+            continue
+        diff = same_weights(out, name)
         syncs = [r["metrics"]["outer_syncs"] for r in rows]
         phases[name] = {"max_weight_diff": diff, "wrong_device_calls": wrong, "collectives": rows[0]["collectives"],
                         "outer_syncs": syncs, "pseudo_syncs": [r["metrics"]["pseudo_syncs"] for r in rows],
                         "loss_first_last": [r["loss_first"] for r in rows] + [r["loss_last"] for r in rows]}
         if diff != 0.0:
             problems.append(f"{name}: ranks end with different weights (max diff {diff:g}), expected one global model")
-        if wrong:
-            problems.append(f"{name}: collectives got tensors on the wrong device: {wrong}")
         if min(syncs) < 3 or len(set(syncs)) != 1:
             problems.append(f"{name}: outer_syncs per rank {syncs}, expected >= 3 and equal")
         if min(phases[name]["pseudo_syncs"]) == 0:
             problems.append(f"{name}: no pseudo-sync step on some rank although p > 0")
+    ctx.details["phases"] = phases
     require(not problems, "; ".join(problems))
     r0 = results[0]
     figure = (f"{r0['backend']}, {r0['device']} tensors: {len(phases)} phases, weights identical, "
@@ -404,8 +410,9 @@ def case_overhead(ctx: "Context") -> dict[str, Any]:
     params = sum(p.numel() for p in models[1].parameters())
     figure = (f"{params / 1e6:.0f}M params: grad step {ratios['gradient']:.3f}x plain ({med['plain'] * 1e3:.1f} ms), "
               f"pull {ratios['pull']:.3f}x")
-    return {"figure": figure, "details": {"model": label, "parameters": params, "median_s": med, "ratio_to_plain": ratios,
-                                          "counts": {k: len(v) for k, v in times.items()}, "batch": [batch, block]}}
+    details = {"model": label, "parameters": params, "median_s": med, "ratio_to_plain": ratios,
+               "counts": {k: len(v) for k, v in times.items()}, "batch": [batch, block]}
+    return {"figure": figure, "details": details}
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
@@ -424,7 +431,8 @@ def case_deepspeed_zero2(ctx: "Context") -> dict[str, Any]:
     run = run_trainer(ctx, bf16=True, deepspeed=ds_config, optim="adamw_torch", palsgd_shard_size=1)
     summary = check_training(run)
     require({d for d, _, _ in anchor_devices(run)} == {"cuda:0"}, f"anchor on {anchor_devices(run)}, expected cuda:0")
-    figure = f"ZeRO-2 bf16: loss {summary['loss_first']:.3f}->{summary['loss_last']:.3f}, {summary['outer_syncs']} syncs"
+    figure = (f"ZeRO-2 bf16: loss {summary['loss_first']:.3f}->{summary['loss_last']:.3f}, "
+              f"{summary['outer_syncs']} syncs")
     return {"figure": figure, "details": {**summary, "run": run}}
 
 

@@ -79,35 +79,46 @@ def flat(model: torch.nn.Module) -> torch.Tensor:
 
 
 def run_wrap(args, device: torch.device, rank: int, out: Path) -> dict:
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from palsgd_hf import PALSGDConfig, StepKind, wrap_optimizer
-
     audit = CollectiveAudit(device)
     blocks, vocab, source = cases.token_blocks(2 * args.steps * 4 + 8)
     phases = {}
     for name, extra in (("blocking_fp32", {}), ("overlap2_bf16", {"overlap_steps": 2, "comm_dtype": "bf16"})):
-        model = cases.tiny_model(vocab).to(device)
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        config = PALSGDConfig(sync_interval=cases.SYNC_INTERVAL, pseudo_sync_prob=cases.P,
-                              warmup_steps=cases.WARMUP, mixing_rate=1.0, **extra)
         audit.reset()
-        optimizer = wrap_optimizer(ddp, torch.optim.AdamW(ddp.parameters(), lr=3e-3), config, comm_timeout=TIMEOUT)
-        losses = []
-        for step in range(args.steps):
-            # Each rank reads its own batches (rank-strided), as a distributed sampler would.
-            ids = torch.stack([blocks[(2 * (step * 4 + i) + rank) % len(blocks)] for i in range(4)]).to(device)
-            if optimizer.algorithm.step_kind() is not StepKind.PSEUDO_SYNC:
-                loss = ddp(input_ids=ids, labels=ids).loss
-                loss.backward()
-                losses.append(loss.item())
-            optimizer.step()
-            optimizer.zero_grad()
-        optimizer.algorithm.finalize()
-        torch.save(flat(model), out / f"rank{rank}_{name}.pt")
-        phases[name] = {"metrics": optimizer.algorithm.metrics(), "collectives": audit.calls,
-                        "wrong_device_calls": sorted(audit.wrong), "loss_first": losses[0], "loss_last": losses[-1]}
+        try:
+            phases[name] = wrap_phase(args, device, rank, out / f"rank{rank}_{name}.pt", blocks, vocab, extra)
+        except Exception as err:
+            # Both ranks usually fail alike (an operation the backend lacks for CUDA tensors, say): record it and
+            # go on, so that one phase's failure does not hide the other's result. A one-sided failure leaves
+            # the other rank waiting: the collective timeout or the check's own timeout ends it.
+            phases[name] = {"error": f"{type(err).__name__}: {err}"[:800], "traceback": traceback.format_exc()[-2000:]}
+        phases[name].update(collectives=audit.calls, wrong_device_calls=sorted(audit.wrong))
     return {"phases": phases, "data": source}
+
+
+def wrap_phase(args, device: torch.device, rank: int, weights_file: Path, blocks, vocab: int, extra: dict) -> dict:
+    """One training run of DDP + wrap_optimizer; saves the final weights to ``weights_file``."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from palsgd_hf import PALSGDConfig, StepKind, wrap_optimizer
+
+    model = cases.tiny_model(vocab).to(device)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    config = PALSGDConfig(sync_interval=cases.SYNC_INTERVAL, pseudo_sync_prob=cases.P, warmup_steps=cases.WARMUP,
+                          mixing_rate=1.0, **extra)
+    optimizer = wrap_optimizer(ddp, torch.optim.AdamW(ddp.parameters(), lr=3e-3), config, comm_timeout=TIMEOUT)
+    losses = []
+    for step in range(args.steps):
+        # Each rank reads its own batches (rank-strided), as a distributed sampler would.
+        ids = torch.stack([blocks[(2 * (step * 4 + i) + rank) % len(blocks)] for i in range(4)]).to(device)
+        if optimizer.algorithm.step_kind() is not StepKind.PSEUDO_SYNC:
+            loss = ddp(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad()
+    optimizer.algorithm.finalize()
+    torch.save(flat(model), weights_file)
+    return {"metrics": optimizer.algorithm.metrics(), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
 def run_compile(args, device: torch.device, rank: int, out: Path) -> dict:
@@ -193,7 +204,8 @@ def main() -> None:
     dist.init_process_group(backend, timeout=TIMEOUT)
     result = {"rank": rank, "backend": backend, "device": device.type}
     try:
-        result.update(run_wrap(args, device, rank, out) if args.mode == "wrap" else run_compile(args, device, rank, out))
+        run = run_wrap if args.mode == "wrap" else run_compile
+        result.update(run(args, device, rank, out))
     except Exception as err:
         result["error"] = f"rank {rank}: {type(err).__name__}: {err}"[:1500]
         result["traceback"] = traceback.format_exc()[-3000:]
