@@ -4,7 +4,7 @@
     palsgd-hf train RECIPE [--key value ...]      # validate, then launch the recipe's processes
     palsgd-hf train RECIPE --dry-run              # validate and print the launch command only
     palsgd-hf check RECIPE [RECIPE ...]           # validate recipes (keys, types, PALSGD, launch)
-    palsgd-hf bench ...                           # time-to-quality benchmark (scripts/bench.py)
+    palsgd-hf bench ...                           # time-to-quality benchmark (benchmarks/bench.py)
 
 RECIPE is a YAML path, ``hub:ORG/REPO/path.yaml[@revision]`` or ``builtin:NAME``; see docs/cli.md.
 Mistakes in what the user typed (a recipe key, a value, a launch that would run one process) end
@@ -17,6 +17,7 @@ import contextlib
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 USAGE = __doc__.split("\n\n")[1]
@@ -59,11 +60,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         return demo_main(rest)
     if command == "bench":
-        from .bench.cli import main as bench_main
-
-        return bench_main(rest)
+        return _bench(rest)
     print(f"palsgd-hf: error: unknown command {command!r}; one of train, check, demo, bench.\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def _bench(argv: list[str]) -> int:
+    """The benchmarks live in the checkout (benchmarks/, not installed): run them from there."""
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "benchmarks" / "harness").is_dir():
+        print("palsgd-hf: error: `palsgd-hf bench` runs the benchmarks of a source checkout (benchmarks/ is not "
+              "installed with the package); clone the repository, `pip install -e .`, and run it there.", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(checkout))
+    from benchmarks.harness.cli import main as bench_main  # the checkout's, found through the path just added
+
+    return bench_main(argv)
 
 
 def _train(argv: list[str]) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from palsgd_hf.bench.netns import NAME_PREFIX, list_namespaces, netns_available
+from benchmarks.harness.netns import NAME_PREFIX, list_namespaces, netns_available
 
 REPO = Path(__file__).resolve().parents[2]
 NETNS, _ = netns_available()
@@ -28,7 +28,7 @@ NETNS, _ = netns_available()
 def test_tiny_benchmark_end_to_end(tmp_path):
     out = tmp_path / "bench"
     link = ["--rate-mbit", "100", "--no-unshaped", "--netns", "on"] if NETNS else ["--netns", "off"]
-    cmd = [sys.executable, str(REPO / "scripts" / "bench.py"), "run", "--tiny", "--methods", "ddp,palsgd",
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench.py"), "run", "--tiny", "--methods", "ddp,palsgd",
            "--overhead-steps", "0", "--out", str(out), *link]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from palsgd_hf.bench.launch import LaunchError, launch
-from palsgd_hf.bench.netns import (
+from benchmarks.harness.launch import LaunchError, launch
+from benchmarks.harness.netns import (
     NAME_PREFIX,
     LinkSpec,
     NetnsCluster,
@@ -94,8 +94,8 @@ def test_cleanup_stale_removes_only_dead_owners():
 
 _HOLD = textwrap.dedent("""
     import sys, time
-    from palsgd_hf.bench.netns import LinkSpec, NetnsCluster
-    from palsgd_hf.bench.launch import launch
+    from benchmarks.harness.netns import LinkSpec, NetnsCluster
+    from benchmarks.harness.launch import launch
     from pathlib import Path
     out = Path(sys.argv[1])
     (out / "sleep.py").write_text("import time; time.sleep(60)  # held by the teardown test")
@@ -139,7 +139,7 @@ def test_interrupt_tears_down(tmp_path, sig):
 def test_refuses_clearly_without_rights(tmp_path):
     # Drop CAP_NET_ADMIN and CAP_SYS_ADMIN for the child: the CLI must refuse before any work.
     cmd = ["setpriv", "--inh-caps=-net_admin,-sys_admin", "--bounding-set=-net_admin,-sys_admin",
-           sys.executable, str(REPO / "scripts" / "bench.py"), "run", "--tiny", "--netns", "on",
+           sys.executable, str(REPO / "benchmarks" / "bench.py"), "run", "--tiny", "--netns", "on",
            "--out", str(tmp_path / "o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from palsgd_hf.bench.cli import main
-from palsgd_hf.bench.projection import (
+from benchmarks.harness.cli import main
+from benchmarks.harness.projection import (
     Hardware,
     Scenario,
     allreduce_seconds,
@@ -79,7 +79,7 @@ def test_default_grid_covers_the_issue_ranges():
 
 def test_project_command_writes_files(tmp_path):
     out = tmp_path / "proj"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "project", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "project", "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "| 7B | 64 | 10 |" in proc.stdout

@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from palsgd_hf.bench.report import markdown_table, write_report
-from palsgd_hf.bench.settings import BenchSettings, tiny_settings
-from palsgd_hf.bench.summary import check_targets, first_reach, loss_at_step, summarize_link
+from benchmarks.harness.report import markdown_table, write_report
+from benchmarks.harness.settings import BenchSettings, tiny_settings
+from benchmarks.harness.summary import check_targets, first_reach, loss_at_step, summarize_link
 
 
 def run(steps, seconds_per_step, losses, comm_bytes, eval_every=10, local_start=None):

@@ -1,4 +1,4 @@
-"""Command line of the benchmark: ``python scripts/bench.py ...`` or ``palsgd-hf bench ...``.
+"""Command line of the benchmark: ``python benchmarks/bench.py ...`` or ``palsgd-hf bench ...``.
 
     bench run       every method on every link (default subcommand); JSON + markdown + PNGs
     bench overhead  PALSGD's own time per step and memory, without communication
@@ -185,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     torch.set_num_threads(1)  # like every rank: one thread each (the overhead benchmark runs here)
-    command = "python scripts/bench.py " + shlex.join(argv)
+    command = "python benchmarks/bench.py " + shlex.join(argv)
     try:  # everything that can be refused is refused here, before any work starts
         settings = settings_from(args) if args.command in ("run", "overhead") else None
         _validate(args, settings)

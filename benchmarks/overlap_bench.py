@@ -1,6 +1,6 @@
 """Benchmark of the overlapped outer sync and bf16 pseudo-gradients over an emulated slow link.
 
-    python scripts/overlap_bench.py --rate-mbit 100 --seeds 0,1,2 --out bench_overlap
+    python benchmarks/overlap_bench.py --rate-mbit 100 --seeds 0,1,2 --out bench_overlap
 
 Runs PALSGD (the benchmark harness's settings: GPT-Neo "small", Shakespeare, PALSGDTrainer, 2
 workers, each in its own network namespace behind a tbf-shaped link) once per variant, every
@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: benchmarks/ is not installed
+
 logger = logging.getLogger("overlap_bench")
 
 # (label, overlap_steps, comm_dtype); the first is the baseline the others are compared with.
@@ -52,10 +54,10 @@ def worker(spec_path: str) -> None:
     import torch.distributed as dist
     from transformers import TrainerCallback
 
-    from palsgd_hf.bench.worker import load_spec, prepare_data, training_arguments
+    from benchmarks.harness.settings import MODEL_SIZES
+    from benchmarks.harness.worker import load_spec, prepare_data, training_arguments
     from palsgd_hf.integrations.trainer import PALSGDTrainer
     from palsgd_hf.models import build_causal_lm
-    from palsgd_hf.bench.settings import MODEL_SIZES
 
     settings, run = load_spec(spec_path)
     targs = training_arguments(settings, "palsgd", str(Path(run["out"]).parent / "trainer"))
@@ -200,10 +202,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from palsgd_hf.bench.launch import launch
-    from palsgd_hf.bench.netns import LinkSpec, NetnsCluster, cleanup_stale
-    from palsgd_hf.bench.settings import BenchSettings
-    from palsgd_hf.bench.worker import prepare_data
+    from benchmarks.harness.launch import launch
+    from benchmarks.harness.netns import LinkSpec, NetnsCluster, cleanup_stale
+    from benchmarks.harness.settings import BenchSettings
+    from benchmarks.harness.worker import prepare_data
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]

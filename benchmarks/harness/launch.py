@@ -1,6 +1,6 @@
 """Start one distributed job: one torchrun per worker, each inside its own network namespace.
 
-With a :class:`~palsgd_hf.bench.netns.NetnsCluster`, worker ``i`` runs
+With a :class:`~benchmarks.harness.netns.NetnsCluster`, worker ``i`` runs
 ``ip netns exec <ns i> torchrun --nnodes N --node_rank i --nproc_per_node 1 --master_addr <ns 0>``:
 the multi-node launch a user runs across machines, with every byte between workers crossing the
 shaped links (gloo is told to use the namespace's ``eth0``). Without a cluster the job is a single
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .netns import NetnsCluster
+
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ def worker_env(cluster: Optional[NetnsCluster], extra: Optional[dict] = None) ->
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    # Workers run `-m benchmarks.harness.worker`: the checkout must be importable (it is not installed).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH", "")) if p)
     if cluster is not None:
         env["GLOO_SOCKET_IFNAME"] = cluster.device
     env.update(extra or {})

@@ -1,6 +1,6 @@
 """Measure the link the workers actually got: gloo all-reduce time against message size.
 
-Run on every rank (``torchrun -m palsgd_hf.bench.probe --out DIR``); rank 0 writes
+Run on every rank (``torchrun -m benchmarks.harness.probe --out DIR``); rank 0 writes
 ``probe.json`` with the median time per size and a least-squares fit ``t = a + b * bytes``.
 ``1 / b`` is the effective all-reduce bandwidth (the bus bandwidth of the ring: bytes moved per
 rank are 2(n-1)/n times the message), ``a`` the fixed cost per call (the alpha term). The

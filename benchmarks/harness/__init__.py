@@ -7,7 +7,7 @@
 * :mod:`.overhead`: PALSGD's own cost per step and its memory, without communication.
 * :mod:`.report`: JSON, a markdown table and PNG plots.
 * :mod:`.projection`: an alpha-beta model of cluster scale from the measured compute time.
-* :mod:`.cli`: ``python scripts/bench.py`` / ``palsgd-hf bench``.
+* :mod:`.cli`: ``python benchmarks/bench.py`` / ``palsgd-hf bench``.
 
 Nothing here is imported by the training path; it only drives it.
 """

@@ -94,7 +94,7 @@ def run_method(settings: BenchSettings, method: str, run_dir: Path, cluster: Opt
     logger.info("Run %s (%s): up to %d steps, target %s", method, run_dir.parent.name, settings.max_steps(method),
                 "none" if target_loss is None else f"{target_loss:.4f}")
     load_before = _load()
-    wall = launch(["-m", "palsgd_hf.bench.worker", "--spec", str(run_dir / "spec.json")], settings.workers,
+    wall = launch(["-m", "benchmarks.harness.worker", "--spec", str(run_dir / "spec.json")], settings.workers,
                   run_dir, cluster=cluster, timeout=timeout)
     record = json.loads(record_path.read_text())
     # The machine's 1-minute load average around the run: wall times are only comparable at similar load.
@@ -106,7 +106,7 @@ def run_method(settings: BenchSettings, method: str, run_dir: Path, cluster: Opt
 
 def run_probe(settings: BenchSettings, link_dir: Path, cluster: Optional[NetnsCluster], sizes_kib: list[int]):
     try:
-        launch(["-m", "palsgd_hf.bench.probe", "--out", str(link_dir), "--reps", "3",
+        launch(["-m", "benchmarks.harness.probe", "--out", str(link_dir), "--reps", "3",
                 "--sizes-kib", *map(str, sizes_kib)], settings.workers, link_dir / "probe", cluster=cluster,
                timeout=180)
         return json.loads((link_dir / "probe.json").read_text())

@@ -1,6 +1,6 @@
 """One benchmark run on one rank: PALSGDTrainer on Shakespeare, with the time-to-quality callback.
 
-Launched by :mod:`.runner` under torchrun (``-m palsgd_hf.bench.worker --spec run.json``), one
+Launched by :mod:`.runner` under torchrun (``-m benchmarks.harness.worker --spec run.json``), one
 process per worker. It trains through the user-facing path: the project's data helpers, a GPT-Neo
 from ``palsgd_hf.models``, :class:`PALSGDTrainer` with :class:`PALSGDTrainingArguments` (DDP is
 ``palsgd_method='ddp'``: accelerate's DistributedDataParallel all-reduces gradients every step),
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..data import build_lm_datasets, load_tokenizer, shakespeare_corpus
-from ..integrations.trainer import PALSGDTrainer
-from ..integrations.trainer_args import PALSGDTrainingArguments
-from ..models import build_causal_lm
+from palsgd_hf.data import build_lm_datasets, load_tokenizer, shakespeare_corpus
+from palsgd_hf.integrations.trainer import PALSGDTrainer
+from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments
+from palsgd_hf.models import build_causal_lm
 from .callback import TimeToQualityCallback
 from .settings import MODEL_SIZES, BenchSettings
 
@@ -82,7 +82,7 @@ def training_arguments(settings: BenchSettings, method: str, out_dir: str) -> PA
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--spec", required=True, help="JSON file written by palsgd_hf.bench.runner")
+    ap.add_argument("--spec", required=True, help="JSON file written by benchmarks.harness.runner")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings, run = load_spec(args.spec)

@@ -29,10 +29,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import PALSGDConfig
-from ..core.algorithm import StepKind
-from ..models import build_causal_lm
-from ..wrap import build_algorithm
+from palsgd_hf.config import PALSGDConfig
+from palsgd_hf.core.algorithm import StepKind
+from palsgd_hf.models import build_causal_lm
+from palsgd_hf.wrap import build_algorithm
 from .settings import BenchSettings
 
 logger = logging.getLogger(__name__)
