@@ -292,7 +292,9 @@ def attach(engine, config, *, comm_timeout: Optional[timedelta] = None):
     from ..core.comm import LocalCommunicator
     from .deepspeed_groups import ReplicaMPU, confine_zero3_consistency_checks, replica_mpu
 
-    mpu = engine.mpu if isinstance(getattr(engine, "mpu", None), ReplicaMPU) else replica_mpu(config.shard_size, comm_timeout)
+    mpu = getattr(engine, "mpu", None)
+    if not isinstance(mpu, ReplicaMPU):
+        mpu = replica_mpu(config.shard_size, comm_timeout)
     if mpu.topology.shard_size != config.shard_size:
         raise ValueError(
             f"the engine's mpu shards over {mpu.topology.shard_size} ranks but config.shard_size={config.shard_size}; "
@@ -326,7 +328,9 @@ def initialize(*, model, config, ds_config: dict[str, Any], optimizer=None, comm
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed()
     with replica_sharding(config.shard_size, comm_timeout):
-        engine, opt, loader, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, **kwargs)
+        engine, opt, loader, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, **kwargs
+        )
     return engine, opt, loader, scheduler, attach(engine, config, comm_timeout=comm_timeout)
 
 
