@@ -297,9 +297,9 @@ def case_two_process(ctx: "Context") -> dict[str, Any]:
             problems.append(f"{name} failed: {errors[0]}")
             continue
         diff = same_weights(out, name)
-        syncs = [r["metrics"]["outer_syncs"] for r in rows]
+        syncs = [int(r["metrics"]["outer_syncs"]) for r in rows]
         phases[name] = {"max_weight_diff": diff, "wrong_device_calls": wrong, "collectives": rows[0]["collectives"],
-                        "outer_syncs": syncs, "pseudo_syncs": [r["metrics"]["pseudo_syncs"] for r in rows],
+                        "outer_syncs": syncs, "pseudo_syncs": [int(r["metrics"]["pseudo_syncs"]) for r in rows],
                         "loss_first_last": [r["loss_first"] for r in rows] + [r["loss_last"] for r in rows]}
         if diff != 0.0:
             problems.append(f"{name}: ranks end with different weights (max diff {diff:g}), expected one global model")
@@ -321,7 +321,7 @@ def case_torch_compile_ddp(ctx: "Context") -> dict[str, Any]:
     results = torchrun(ctx, "compile", out, "--compile-backend", backend)
     diff = same_weights(out, "final")
     require(diff == 0.0, f"ranks end with different weights (max diff {diff:g}), expected one global model")
-    syncs = [r["metrics"]["outer_syncs"] for r in results]
+    syncs = [int(r["metrics"]["outer_syncs"]) for r in results]
     require(min(syncs) >= 3 and len(set(syncs)) == 1, f"outer_syncs per rank {syncs}, expected >= 3 and equal")
     require(all(r["ddp_found"] for r in results), "no DDP inside the compiled model: the check cannot see DDP")
     ddp_calls = [r["ddp_allreduces_local_phase"] for r in results]
@@ -345,8 +345,8 @@ def case_overhead(ctx: "Context") -> dict[str, Any]:
         shape = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "vocab_size": 50257}
         batch, block, steps, label = 8, 512, 60, "GPT-Neo-125M shape, 8x512 tokens, bf16 autocast"
     elif ctx.quick:
-        shape = {"hidden_size": 256, "num_layers": 2, "num_heads": 4, "vocab_size": 8192}
-        batch, block, steps, label = 2, 64, 16, "CPU quick: 2 layers x 256, vocab 8192 (not 125M)"
+        shape = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "vocab_size": 4096}
+        batch, block, steps, label = 2, 64, 16, "CPU quick: 2 layers x 128, vocab 4096 (not 125M)"
     else:
         shape = {"hidden_size": 768, "num_layers": 2, "num_heads": 12, "vocab_size": 50257}
         batch, block, steps, label = 2, 128, 24, "CPU: 125M widths but 2 layers (not 12)"
