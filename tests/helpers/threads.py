@@ -57,6 +57,17 @@ class ThreadCommunicator(Communicator):
     def barrier(self) -> None:
         self._group.barrier.wait()
 
+    # The two halves of an all-reduce, used by the bf16 exchange (MeanExchange).
+    def all_to_all_async(self, output: torch.Tensor, input: torch.Tensor):
+        chunk = input.numel() // self.size
+        values = self._exchange(input)
+        output.copy_(torch.cat([v[self.rank * chunk : (self.rank + 1) * chunk] for v in values]))
+        return None
+
+    def all_gather_async(self, output: torch.Tensor, input: torch.Tensor):
+        output.copy_(torch.cat(self._exchange(input)))
+        return None
+
 
 def run_threads(size: int, fn) -> list:
     """Run ``fn(rank, comm)`` on ``size`` threads; return their results, re-raising the first error."""

@@ -32,7 +32,8 @@ def reference(cfg: PALSGDConfig, workers: int, steps: int):
     w0, b0 = initial_weights()
     xs = [[w0.clone(), b0.clone()] for _ in range(workers)]
     opts = [RefAdamW([D, 1]) for _ in range(workers)]
-    gens = [torch.Generator().manual_seed((cfg.seed * 1_000_003 + k * 7_919 + 17) % (2**63 - 1)) for k in range(workers)]
+    streams = [k if cfg.coins == "per_replica" else 0 for k in range(workers)]  # shared coins: one stream
+    gens = [torch.Generator().manual_seed((cfg.seed * 1_000_003 + k * 7_919 + 17) % (2**63 - 1)) for k in streams]
     p, eta, mu, d = cfg.pseudo_sync_prob, cfg.mixing_rate, cfg.outer_momentum, cfg.overlap_steps
     st = {"anchor": None, "buf": None, "pending": None, "since": 0, "syncs": 0}
     kinds = [[] for _ in range(workers)]
@@ -165,6 +166,8 @@ def assert_matches_reference(cfg: PALSGDConfig, workers: int, steps: int) -> Non
 
 SETTINGS = [
     # (config, workers, steps): the last sync of each run is still in flight when training stops.
+    pytest.param(PALSGDConfig(sync_interval=4, pseudo_sync_prob=0.3, mixing_rate=2.0, warmup_steps=3, overlap_steps=1,
+                               coins="per_replica"), 3, 21, id="palsgd-H4-d1-per-replica-coins"),
     pytest.param(PALSGDConfig(sync_interval=4, pseudo_sync_prob=0.3, mixing_rate=2.0, warmup_steps=3, overlap_steps=1), 3, 21, id="palsgd-H4-d1"),
     pytest.param(
         PALSGDConfig(sync_interval=5, pseudo_sync_prob=0.5, mixing_rate=1.5, warmup_steps=0, outer_lr=0.5,
