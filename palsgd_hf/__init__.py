@@ -20,6 +20,11 @@ _LAZY = {
     "PALSGDTrainerMixin": ".integrations.trainer",
     "PALSGDTrainingArguments": ".integrations.trainer_args",
     "PALSGDAccelerate": ".integrations.accelerate",
+    # The [trl] extra: importing these imports trl (and only then).
+    "PALSGDSFTTrainer": ".integrations.trl",
+    "PALSGDSFTConfig": ".integrations.trl",
+    "PALSGDDPOTrainer": ".integrations.trl",
+    "PALSGDDPOConfig": ".integrations.trl",
 }
 
 __all__ = [
