@@ -99,7 +99,7 @@ def test_deepspeed_load_best_model_at_end_keeps_the_best_checkpoints_global_mode
     a, b = results
     assert a["best_checkpoint"] and a["best_checkpoint"] == b["best_checkpoint"]
     best_step = a["best_checkpoint"].rsplit("-", 1)[1]
-    assert best_step in ("7", "14")  # both checkpoints lie between syncs, where the replicas had drifted
+    assert best_step == "7"  # two local steps after the sync at 5: the replicas had drifted
     # The kept model is the anchor saved with that checkpoint, on every rank (bitwise: a copy of it), not
     # each replica's own weights there.
     assert a["owned_sha"] == a["anchors_at_save"][best_step] == b["owned_sha"]

@@ -115,7 +115,10 @@ def main() -> None:
         # Evaluations and checkpoints at steps 7 and 14: two and four local steps after the syncs at 5 and 10.
         extra = {"deepspeed": str(RECIPES / "zero2.json"), "eval_strategy": "steps", "eval_steps": 7,
                  "save_strategy": "steps", "save_steps": 7, "load_best_model_at_end": True,
-                 "metric_for_best_model": "eval_loss", "per_device_eval_batch_size": 4}
+                 "metric_for_best_model": "eval_loss", "per_device_eval_batch_size": 4,
+                 # "Best" = the highest loss, i.e. the earliest checkpoint (step 7, mid-period): otherwise the final
+                 # checkpoint, written after the last sync where every replica holds the global model, would win.
+                 "greater_is_better": True}
     training_args = PALSGDTrainingArguments(
         output_dir=args.run_dir, max_steps=args.steps, per_device_train_batch_size=2, learning_rate=3e-3,
         lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=5, report_to="none", seed=0,
