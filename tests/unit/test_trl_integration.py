@@ -103,3 +103,20 @@ def test_combine_averages_micro_batches_and_sums_tokens_over_workers():
             window1, window2 = results[rank]
             assert window1 == {"entropy": [2.0], "mean_token_accuracy": [0.6], "num_tokens": [100]}
             assert window2 == {"entropy": [3.0], "num_tokens": [121]}
+
+
+def test_chat_data_is_reproducible_and_checks_its_operation(tmp_path):
+    import json
+
+    from palsgd_hf.integrations.trl.local_data import write_chat_jsonl, write_preference_jsonl
+
+    a = write_chat_jsonl(tmp_path / "a.jsonl", 5, seed=3, op="minus").read_text()
+    assert a == write_chat_jsonl(tmp_path / "b.jsonl", 5, seed=3, op="minus").read_text()
+    first = json.loads(a.splitlines()[0])["messages"]
+    question, answer = first[0]["content"], first[1]["content"]  # "What is A minus B?" / "A minus B is C."
+    x, y = (int(v) for v in question.removeprefix("What is ").removesuffix("?").split(" minus "))
+    assert answer == f"{x} minus {y} is {x - y}."
+    pair = json.loads(write_preference_jsonl(tmp_path / "p.jsonl", 1).read_text())
+    assert pair["chosen"] != pair["rejected"] and pair["prompt"][0]["role"] == "user"
+    with pytest.raises(ValueError, match="op='times'"):
+        write_chat_jsonl(tmp_path / "c.jsonl", 1, op="times")

@@ -4,7 +4,8 @@
   package's byte-level BPE tokenizer and a chat template into a directory, the layout of a Hub
   checkpoint: ``AutoModelForCausalLM.from_pretrained(dir)`` and trl's ``model="dir"`` load it.
 * :func:`write_chat_jsonl` writes conversational data (``messages``) as JSON lines: arithmetic
-  questions with one exact answer each, so that a few hundred CPU steps show learning.
+  questions with one exact answer each (``op`` "plus" or "minus"), so that a few hundred CPU steps
+  show learning, and a base trained on one operation can be fine-tuned on the other.
 * :func:`write_preference_jsonl` writes the same questions as DPO preference pairs.
 
 The chat template marks the assistant turns with ``{% generation %}``, which trl's
@@ -52,20 +53,26 @@ def build_chat_checkpoint(out_dir: str | Path, *, hidden_size: int = 64, layers:
     return out
 
 
-def _questions(n: int, seed: int) -> Iterator[tuple[str, str, str]]:
+OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b}
+
+
+def _questions(n: int, seed: int, op: str = "plus") -> Iterator[tuple[str, str, str]]:
     """(question, right answer, wrong answer) triples, reproducible from the seed."""
+    if op not in OPS:
+        raise ValueError(f"op={op!r} is not one of {sorted(OPS)}; pick one of them.")
     rng = random.Random(seed)
     for _ in range(n):
         a, b = rng.randrange(100), rng.randrange(100)
-        wrong = a + b + rng.choice([-10, -1, 1, 10])
-        yield f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {wrong}."
+        right = OPS[op](a, b)
+        wrong = right + rng.choice([-10, -1, 1, 10])
+        yield f"What is {a} {op} {b}?", f"{a} {op} {b} is {right}.", f"{a} {op} {b} is {wrong}."
 
 
-def write_chat_jsonl(path: str | Path, n: int, *, seed: int = 0) -> Path:
+def write_chat_jsonl(path: str | Path, n: int, *, seed: int = 0, op: str = "plus") -> Path:
     """``n`` conversations ``{"messages": [user, assistant]}`` as JSON lines."""
     path = Path(path)
     with path.open("w") as f:
-        for question, right, _ in _questions(n, seed):
+        for question, right, _ in _questions(n, seed, op):
             messages = [{"role": "user", "content": question}, {"role": "assistant", "content": right}]
             f.write(json.dumps({"messages": messages}) + "\n")
     return path
