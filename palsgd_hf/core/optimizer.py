@@ -61,6 +61,13 @@ class PALSGDOptimizer(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None):
         if self._is_boundary is not None and not self._is_boundary():
             return None  # a micro-batch inside an accumulation window: not an optimizer step
+        # The pull, the sync and the inner step all act on the training iterate. Optimizers with modes
+        # (schedule-free: train()/eval() swap the weights between two iterates) step only in train mode,
+        # and an integration that skips a pseudo-sync step's compute also skips the loop's train() call
+        # (the Trainer makes it in training_step): after an evaluation the pull would hit the eval iterate.
+        train = getattr(self.optimizer, "train", None)
+        if callable(train):
+            train()
         result = []
         if self._engine_steps:
             self.algorithm.adapter.finish_step()  # the engine took (or now takes) the PALSGD step

@@ -61,6 +61,10 @@ def test_train_and_eval_reach_the_inner_optimizer():
     assert StepKind.GRADIENT in train(model, opt, 8)
     opt.eval()
     assert inner.mode == "eval"
+    # A step after an evaluation whose loop skipped train() (a pseudo-sync step computes nothing): the step
+    # acts on the training iterate, so the wrapper switches back first, as the inner step() itself demands.
+    opt.step()
+    assert inner.mode == "train"
     # Unknown names still fail as AttributeError, so hasattr stays truthful.
     assert not hasattr(make()[2], "train")
     with pytest.raises(AttributeError, match="no attribute 'no_such_thing'"):
@@ -141,3 +145,4 @@ def test_engine_steps_variant_finishes_the_step_through_the_adapter():
     engine_opt = PALSGDOptimizer(inner, opt.algorithm, engine_steps=True)
     assert engine_opt.step() is None and calls == [1] and inner._opt_called
     assert opt.algorithm.step == 0  # the engine counts its steps itself
+
