@@ -7,7 +7,9 @@ the inner step, followed by a global sync when one is due. Everything else is th
 optimizer's: ``param_groups``/``state``/``zero_grad``/``state_dict`` explicitly, and any other
 attribute by forwarding (``train()``/``eval()`` of schedule-free optimizers, which the Trainer
 calls when ``hasattr(optimizer, "train")``; accelerate's ``step_was_skipped``; ...). LR schedulers
-bound to either object see the same groups.
+bound to either object see the same groups. Optimizers with modes step in train mode (``step()``
+switches back if an evaluation left them in eval mode), and :meth:`PALSGDOptimizer.global_weights`
+swaps the anchor in and out in train mode, so the training iterate is never mistaken for the eval one.
 
 Two variants, as options of the same class (the integrations pick them):
 
@@ -22,7 +24,8 @@ Two variants, as options of the same class (the integrations pick them):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -94,6 +97,30 @@ class PALSGDOptimizer(torch.optim.Optimizer):
                 pass
             opt = getattr(opt, "optimizer", None)
 
+    @contextlib.contextmanager
+    def global_weights(self) -> Iterator[None]:
+        """``algorithm.global_weights()`` (the anchor in the weights, e.g. to evaluate it), mode-aware.
+
+        Optimizers with modes (schedule-free: ``eval()`` turns the weights into another iterate built
+        from them and the optimizer's state) must swap the anchor, a training iterate, in and out in
+        train mode; else the local weights come back while the optimizer believes they are the eval
+        iterate, and its next ``train()`` moves them. Inside the block the optimizer is in the mode it
+        was in before; afterwards too (whatever mode the block left it in).
+        """
+        evaluating = _in_eval_mode(self.optimizer)
+        if evaluating:
+            self.optimizer.train()
+        with self.algorithm.global_weights():
+            if evaluating:
+                self.optimizer.eval()
+            try:
+                yield
+            finally:
+                if _has_modes(self.optimizer):
+                    self.optimizer.train()
+        if evaluating:
+            self.optimizer.eval()
+
     # ------------------------------------------------------------------ the inner optimizer's
     @property
     def param_groups(self):
@@ -142,3 +169,12 @@ class PALSGDOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"PALSGDOptimizer({self.optimizer!r})"
+
+
+def _has_modes(optimizer) -> bool:
+    return callable(getattr(optimizer, "train", None)) and any("train_mode" in g for g in optimizer.param_groups)
+
+
+def _in_eval_mode(optimizer) -> bool:
+    # Schedule-free optimizers keep their mode in every param group ("train_mode"); others have no modes.
+    return _has_modes(optimizer) and any(g.get("train_mode") is False for g in optimizer.param_groups)

@@ -146,3 +146,44 @@ def test_engine_steps_variant_finishes_the_step_through_the_adapter():
     assert engine_opt.step() is None and calls == [1] and inner._opt_called
     assert opt.algorithm.step == 0  # the engine counts its steps itself
 
+
+
+def schedule_free_mid_period():
+    """A schedule-free run between two syncs: the local weights differ from the anchor."""
+    schedulefree = pytest.importorskip("schedulefree")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    inner = schedulefree.AdamWScheduleFree(model.parameters(), lr=0.05)
+    cfg = PALSGDConfig(sync_interval=100, pseudo_sync_prob=0.3, warmup_steps=1, seed=2)
+    opt = PALSGDOptimizer(inner, PALSGD(cfg, ModuleAdapter(model, inner)))
+    opt.train()
+    train(model, opt, 8)
+    anchor = opt.algorithm._anchor.tensors[0].clone()
+    assert not torch.equal(model.weight, anchor)
+    return model, inner, opt, anchor
+
+
+def as_eval_iterate(y, z, beta1=0.9):
+    return torch.lerp(y, z, 1 - 1 / beta1)
+
+
+def test_global_weights_swaps_the_training_iterate_whatever_the_mode():
+    # Two float32 lerps per mode switch: results agree to a few ulps of the weights (|w| < 2 here).
+    close = dict(rtol=0, atol=1e-6)
+    # In train mode, evaluating inside the block: the optimizer must be back in train mode before the
+    # local weights return, or its next train() would move them (10% toward z).
+    model, inner, opt, anchor = schedule_free_mid_period()
+    y_local, z = model.weight.detach().clone(), inner.state[model.weight]["z"].clone()
+    with opt.global_weights():
+        opt.eval()
+        torch.testing.assert_close(model.weight.detach(), as_eval_iterate(anchor, z), **close)
+    opt.train()
+    torch.testing.assert_close(model.weight.detach(), y_local, **close)
+    # Already in eval mode: the block sees the anchor's eval iterate and the local eval iterate comes back.
+    opt.eval()
+    x_local = model.weight.detach().clone()
+    with opt.global_weights():
+        assert inner.param_groups[0]["train_mode"] is False
+        torch.testing.assert_close(model.weight.detach(), as_eval_iterate(anchor, z), **close)
+    assert inner.param_groups[0]["train_mode"] is False
+    torch.testing.assert_close(model.weight.detach(), x_local, **close)
