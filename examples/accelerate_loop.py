@@ -29,7 +29,7 @@ from transformers import default_data_collator, get_cosine_schedule_with_warmup
 
 from palsgd_hf import PALSGDConfig
 from palsgd_hf.data import build_lm_datasets, load_tokenizer, shakespeare_corpus
-from palsgd_hf.integrations.accelerate import PALSGDAccelerate, cpu_only  # PALSGD
+from palsgd_hf import PALSGDAccelerate, cpu_only  # PALSGD
 from palsgd_hf.models import build_causal_lm
 
 

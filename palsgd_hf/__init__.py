@@ -10,7 +10,8 @@ from typing import Any
 
 from .config import PALSGDConfig, PALSGDConfigError
 from .core import PALSGD, Communicator, LocalCommunicator, PALSGDOptimizer, StepKind, Topology
-from .wrap import build_algorithm, wrap_optimizer
+from .attach import build_algorithm, wrap_optimizer
+from .devices import cpu_only
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,7 @@ _LAZY = {
 
 __all__ = [
     "PALSGDConfig", "PALSGDConfigError", "PALSGD", "PALSGDOptimizer", "StepKind", "Communicator",
-    "LocalCommunicator", "Topology", "build_algorithm", "wrap_optimizer", "__version__", *_LAZY,
+    "LocalCommunicator", "Topology", "build_algorithm", "wrap_optimizer", "cpu_only", "__version__", *_LAZY,
 ]
 
 

@@ -71,7 +71,7 @@ def check_accelerate_config(path: str, num_processes: int) -> dict:
 
 def check_hardware(recipe) -> None:
     """Refuse, before launching, a recipe that needs a GPU on a machine without one."""
-    from .integrations.accelerate import cpu_only
+    from .devices import cpu_only
 
     wants = [k for k in ("bf16", "fp16") if recipe.training.get(k)]
     if wants and cpu_only() and not recipe.training.get("use_cpu"):
@@ -108,7 +108,7 @@ def launch_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
-    from .integrations.accelerate import cpu_only
+    from .devices import cpu_only
 
     if cpu_only():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (imported by transformers) would warn per process

@@ -99,7 +99,7 @@ class Recipe:
 
     def training_arguments(self, **changes: Any):
         """``PALSGDTrainingArguments`` for this recipe (call inside the launched processes)."""
-        from .integrations.accelerate import cpu_only
+        from .devices import cpu_only
         from .integrations.trainer_args import PALSGDTrainingArguments
 
         values = {**self.training, **changes}
@@ -343,7 +343,7 @@ def check_training_arguments(recipe: Recipe) -> None:
     machine (``palsgd-hf train`` refuses to launch it there: :func:`palsgd_hf.launch.check_hardware`).
     """
     from .config import PALSGDConfigError
-    from .integrations.accelerate import cpu_only
+    from .devices import cpu_only
 
     values = dict(recipe.training)
     values["palsgd_shard_size"] = 1

@@ -61,7 +61,7 @@ class RunRecorder(TrainerCallback):
 def run(recipe: Recipe) -> dict[str, Any]:
     """Train one recipe in this process (one rank of the job); return the result (rank 0 writes it)."""
     from .data import build_lm_datasets, load_tokenizer, shakespeare_corpus
-    from .integrations.accelerate import cpu_only
+    from .devices import cpu_only
     from .integrations.trainer import PALSGDTrainer
 
     began = time.perf_counter()

@@ -32,7 +32,7 @@ import torch
 from palsgd_hf.config import PALSGDConfig
 from palsgd_hf.core.algorithm import StepKind
 from palsgd_hf.models import build_causal_lm
-from palsgd_hf.wrap import build_algorithm
+from palsgd_hf.attach import build_algorithm
 from .settings import BenchSettings
 
 logger = logging.getLogger(__name__)

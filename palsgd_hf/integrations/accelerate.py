@@ -66,7 +66,9 @@ from .. import state_files
 from ..config import PALSGDConfig
 from ..core.algorithm import PALSGD, StepKind
 from ..core.optimizer import PALSGDOptimizer
-from ..wrap import build_algorithm
+from ..attach import build_algorithm
+from ..devices import cpu_only  # noqa: F401  (it lived here; kept importable from this module)
+from .faults import apply_collective_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +126,6 @@ class PALSGDAccelerate:
             )
         self._model = model
         if self.comm_timeout is not None:
-            from ..reliability import apply_collective_timeout
-
             apply_collective_timeout(self.comm_timeout)  # with one rank per worker, the syncs use the default group
         self.algorithm = build_algorithm(model, optimizer, self.config, comm_timeout=self.comm_timeout)
         # One optimizer step per accumulation window, as accelerate's own optimizer (see the module doc).
@@ -225,20 +225,13 @@ class PALSGDAccelerate:
         logger.info("Restored PALSGD rank state from %s (step %d)", path, self.algorithm.step)
 
 
-def cpu_only() -> bool:
-    """True on a machine without a GPU: pass ``Accelerator(cpu=cpu_only())`` so a multi-process
-    launch becomes one gloo job instead of N independent single-process runs."""
-    xpu = getattr(torch, "xpu", None)
-    return not (torch.cuda.is_available() or (xpu is not None and xpu.is_available()))
-
-
 def _check_world(accelerator) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > accelerator.num_processes:
         raise RuntimeError(
             f"the launcher started {launched} processes (WORLD_SIZE) but the Accelerator sees "
             f"{accelerator.num_processes}: each process would train alone. On a machine without GPUs create it "
-            "with Accelerator(cpu=True) (palsgd_hf.integrations.accelerate.cpu_only() says when)."
+            "with Accelerator(cpu=True) (palsgd_hf.devices.cpu_only() says when)."
         )
 
 

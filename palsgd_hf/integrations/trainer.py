@@ -26,7 +26,7 @@ the arguments are not :class:`PALSGDTrainingArguments`. The hooks, in the order 
 * ``evaluation_loop``: runs on the global model (the anchor) unless ``palsgd_eval_on='local'``.
 * ``save_model``: always writes the global model; ``_finalize_training`` first syncs a last time.
 * ``_save_optimizer_and_scheduler``: every rank writes ``palsgd_rank{R}.pt`` (checkpoint.py).
-* Reliability (palsgd_hf/reliability.py): ``train`` resumes only from a complete checkpoint
+* Reliability (palsgd_hf/integrations/faults.py): ``train`` resumes only from a complete checkpoint
   (``resume_from_checkpoint=True`` skips ones a crash left half-written) and turns a collective that
   failed because another rank died or hung into a :class:`WorkerFaultError` naming the checkpoint to
   resume from; ``_prepare_for_training`` puts one collective timeout on every group;
@@ -46,11 +46,11 @@ import torch.distributed as dist
 from transformers import Trainer
 from transformers.utils import logging as hf_logging
 
-from .. import reliability
+from . import faults
 from ..config import PALSGDConfig
 from ..core.algorithm import PALSGD, StepKind
 from ..core.optimizer import PALSGDOptimizer
-from ..wrap import build_algorithm
+from ..attach import build_algorithm
 from . import checkpoint
 from .trainer_args import PALSGDTrainingArguments, check_trainer_options, check_training_args, check_world
 
@@ -73,27 +73,27 @@ class PALSGDTrainerMixin:
     # ------------------------------------------------------------------ set-up and resume
     def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
         # ---- reliability: resume from complete checkpoints only; a dead or hung peer gets a clear error
-        resume = reliability.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        resume = faults.resolve_resume(resume_from_checkpoint, self.args.output_dir)
         try:
             return super().train(resume, *args, **kwargs)
         except RuntimeError as err:
-            if not reliability.is_worker_fault(err) or not (dist.is_available() and dist.is_initialized()):
+            if not faults.is_worker_fault(err) or not (dist.is_available() and dist.is_initialized()):
                 raise
-            message = reliability.worker_fault_message(
+            message = faults.worker_fault_message(
                 err, rank=self.args.process_index, step=self.state.global_step,
-                timeout=reliability.collective_timeout(self.args), output_dir=self.args.output_dir,
+                timeout=faults.collective_timeout(self.args), output_dir=self.args.output_dir,
                 where=self.palsgd.describe_step() if self.palsgd is not None else None,
             )
             logger.error(message)
-            raise reliability.WorkerFaultError(message) from err
+            raise faults.WorkerFaultError(message) from err
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
         if isinstance(self.optimizer, PALSGDOptimizer):
             # A second train() call: hand the Trainer back the optimizer it created, as stock.
             self.optimizer = self.optimizer.optimizer
         # ---- reliability: one timeout for every collective (PALSGD's groups and the default group)
-        timeout = reliability.collective_timeout(self.args)
-        reliability.apply_collective_timeout(timeout)
+        timeout = faults.collective_timeout(self.args)
+        faults.apply_collective_timeout(timeout)
         if self.is_deepspeed_enabled:
             # ---- DeepSpeed ZeRO (palsgd_hf/adapters/deepspeed*.py): accelerate's deepspeed.initialize shards
             # within each replica of palsgd_shard_size ranks; the engine steps PALSGD inside backward, and
