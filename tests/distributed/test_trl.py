@@ -115,7 +115,7 @@ def test_lora_resume_between_syncs_is_exact(lora_run, data_dir):
     assert resumed[0]["kinds"] == uninterrupted[0]["kinds"][9:]
 
 
-def test_sft_with_per_replica_coins_needs_no_collective_between_syncs(tmp_path, data_dir):
+def test_lora_sft_with_per_replica_coins_needs_no_collective_between_syncs(tmp_path, data_dir):
     # Stock trl gathers in every compute_loss: with per-replica coins that would be refused (CollectiveSafetyError).
     results = run(tmp_path, data_dir, "lora", "--coins", "per_replica")
     assert_one_global_model(results, coins="per_replica")
@@ -126,4 +126,5 @@ def test_sft_with_per_replica_coins_needs_no_collective_between_syncs(tmp_path, 
 def test_dpo_with_lora(tmp_path, data_dir):
     results = run(tmp_path, data_dir, "dpo")
     assert_one_global_model(results)
-    assert_trl_metrics_local_and_exact(results, keys=("num_tokens", "rewards/chosen", "rewards/margins", "logps/chosen"))
+    dpo_keys = ("num_tokens", "rewards/chosen", "rewards/margins", "logps/chosen")
+    assert_trl_metrics_local_and_exact(results, keys=dpo_keys)

@@ -44,6 +44,9 @@ def _named_anchor(trainer) -> dict[str, torch.Tensor]:
     return {names[id(p)]: a.detach().clone() for p, a in zip(owned, trainer.palsgd._anchor.tensors)}
 
 
+KIND_OF = {"warmup_steps": "warmup", "gradient_steps": "gradient", "pseudo_syncs": "pseudo_sync"}
+
+
 class Recorder(TrainerCallback):
     """Step kinds and palsgd metrics per step; the anchor at every save; this rank's tokens at every log."""
 
@@ -60,10 +63,12 @@ class Recorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         counters = dict(self.trainer.palsgd.counters)
         grew = [k for k in ("warmup_steps", "gradient_steps", "pseudo_syncs") if counters[k] != self._last.get(k, 0)]
-        self.kinds.append({"warmup_steps": "warmup", "gradient_steps": "gradient", "pseudo_syncs": "pseudo_sync"}[grew[0]])
+        self.kinds.append(KIND_OF[grew[0]])
         self._last = counters
         m = self.trainer.palsgd.metrics()
-        self.per_step.append({"step": state.global_step, "outer_syncs": m["outer_syncs"], "comm_bytes": m["comm_bytes"]})
+        self.per_step.append(
+            {"step": state.global_step, "outer_syncs": m["outer_syncs"], "comm_bytes": m["comm_bytes"]}
+        )
 
     def on_save(self, args, state, control, **kwargs):
         anchor = _named_anchor(self.trainer)
@@ -169,7 +174,7 @@ def main() -> None:
 
 
 def check_reloads(base_dir: Path, run_dir: Path, anchors: dict[int, dict[str, torch.Tensor]]) -> dict[str, bool]:
-    """Each saved adapter, loaded with PeftModel.from_pretrained on the base checkpoint, equals the anchor at its save."""
+    """Each saved adapter, loaded with PeftModel.from_pretrained on the base, equals the anchor at its save."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
