@@ -39,7 +39,7 @@ def test_train_runs_a_recipe_on_two_processes(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", TINY, *SMALL, "--output_dir", str(out))
     check(proc)
-    assert "torch.distributed.run --standalone --nproc_per_node=2 -m palsgd_hf.train" in proc.stderr
+    assert "torch.distributed.run --standalone --nproc_per_node=2 -m palsgd_hf.cli.run" in proc.stderr
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["global_steps"] == 12 and result["method"] == "palsgd"
     ranks = result["palsgd_per_rank"]
@@ -64,12 +64,12 @@ def test_accelerate_cpu_launch_of_one_process_is_refused(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "palsgd_hf.train", TINY,
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "palsgd_hf.cli.run", TINY,
          "--output_dir", str(tmp_path / "run")],
         capture_output=True, text=True, timeout=150, env=env, cwd=ROOT,
     )
     assert proc.returncode != 0
-    assert "palsgd_hf.train: error: this job has 1 process but the recipe asks for launch.num_processes=2" in proc.stderr
+    assert "palsgd_hf.cli.run: error: this job has 1 process but the recipe asks for launch.num_processes=2" in proc.stderr
     assert "accelerate's single-process launcher" in proc.stderr
     assert "palsgd_hf/" not in proc.stderr  # one line from us, no traceback (accelerate adds its own)
     assert not (tmp_path / "run" / "result.json").exists()

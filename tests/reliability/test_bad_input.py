@@ -22,10 +22,10 @@ from palsgd_hf import cli
 from palsgd_hf.config import PALSGDConfig, PALSGDConfigError
 from palsgd_hf.core.topology import Topology
 from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments, check_world
-from palsgd_hf.launch import LaunchError, check_accelerate_config
-from palsgd_hf.launch import check_world as check_launch_world
-from palsgd_hf.recipe_sources import check_sources
-from palsgd_hf.recipes import RecipeError, load_recipe
+from palsgd_hf.cli.launch import LaunchError, check_accelerate_config
+from palsgd_hf.cli.launch import check_world as check_launch_world
+from palsgd_hf.cli.preflight import check_sources
+from palsgd_hf.cli.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = "recipes/shakespeare-tiny/palsgd.yaml"
@@ -186,10 +186,10 @@ def test_cli_flag_error_is_one_line_no_traceback_and_cheaper_than_a_launch(tmp_p
     # The same mistake typed straight into a torchrun launch: the processes start, then every rank refuses it
     # (before its process group: one line per rank, since torchrun may stop the others before rank 0 prints).
     launched, launch_cpu = run_timed([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                      "--nproc_per_node=2", "-m", "palsgd_hf.train", RECIPE, *bad,
+                                      "--nproc_per_node=2", "-m", "palsgd_hf.cli.run", RECIPE, *bad,
                                       "--output_dir", str(tmp_path / "torchrun")])
     assert launched.returncode != 0
-    assert "palsgd_hf.train: error: palsgd_pseudo_sync_prob=1.5 must lie in [0, 1)" in launched.stderr
+    assert "palsgd_hf.cli.run: error: palsgd_pseudo_sync_prob=1.5 must lie in [0, 1)" in launched.stderr
     assert "palsgd_hf/" not in launched.stderr  # no traceback through our code (torchrun adds its own summary)
     assert not (tmp_path / "torchrun").exists()
     # Measured in CPU seconds, which a busy machine does not inflate: ~5 s for the CLI vs ~13 s for the launch.

@@ -18,8 +18,8 @@ import pytest
 
 from palsgd_hf import cli
 from palsgd_hf.config import METHODS
-from palsgd_hf.launch import LaunchError, build_command, check_accelerate_config, check_hardware, check_world
-from palsgd_hf.recipes import BUILTIN_DIR, RecipeError, load_recipe, parse_overrides
+from palsgd_hf.cli.launch import LaunchError, build_command, check_accelerate_config, check_hardware, check_world
+from palsgd_hf.cli.recipe import BUILTIN_DIR, RecipeError, load_recipe, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted(
@@ -182,7 +182,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(capsys):
 def test_cli_dry_run_prints_the_launch_command(capsys):
     assert cli.main(["train", str(TINY.relative_to(ROOT)), "--max_steps", "5", "--dry-run"]) == 0
     out = capsys.readouterr().out.strip()
-    assert "torch.distributed.run --standalone --nproc_per_node=2 -m palsgd_hf.train" in out
+    assert "torch.distributed.run --standalone --nproc_per_node=2 -m palsgd_hf.cli.run" in out
     assert out.endswith("--max_steps 5")
 
 
@@ -210,7 +210,7 @@ def test_hub_recipe_loads_from_a_local_cache_offline(tmp_path):
     }, main=new)
     script = textwrap.dedent("""
         import json, sys
-        from palsgd_hf.recipes import load_recipe
+        from palsgd_hf.cli.recipe import load_recipe
         main = load_recipe("hub:someorg/palsgd-recipes/shakespeare/palsgd.yaml")
         pinned = load_recipe("hub:someorg/palsgd-recipes/shakespeare/palsgd.yaml@" + sys.argv[1])
         print(json.dumps({"main_steps": main.training["max_steps"], "pinned_steps": pinned.training["max_steps"],

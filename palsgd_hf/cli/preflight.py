@@ -2,7 +2,7 @@
 
 Without this check a missing tokenizer directory or an uncached Hub name offline is found by every
 launched process at once, after its imports, each with a traceback. ``palsgd-hf train`` (before it
-launches) and ``palsgd_hf.train`` (before its process group) call :func:`check_sources`; recipe
+launches) and ``palsgd_hf.cli.run`` (before its process group) call :func:`check_sources`; recipe
 validation alone (``palsgd-hf check``) does not, since a recipe may be meant for another machine.
 
 * a name that exists as a local path is used as one;
@@ -20,14 +20,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ..data import resolve_cache_dir
+from .recipe import RecipeError
+
 BPE_PREFIX = "bpe-shakespeare-"
 _TRUE = ("1", "ON", "YES", "TRUE")
 
 
 def check_sources(recipe) -> None:
-    """Raise :class:`~palsgd_hf.recipes.RecipeError` for the first model/tokenizer/dataset this machine lacks."""
-    from .recipes import RecipeError
-
+    """Raise :class:`~palsgd_hf.cli.recipe.RecipeError` for the first model/tokenizer/dataset this machine lacks."""
     spec = recipe.spec
     for key, name, kind in (("model", spec.model, "model"), ("tokenizer", spec.tokenizer, "model"),
                             ("dataset_name", spec.dataset_name, "dataset")):
@@ -75,8 +76,6 @@ def _cached(repo_id: str, repo_type: str) -> bool:
         return False
     # datasets also reloads a Hub dataset offline from its own cache of prepared data (``ORG___NAME``),
     # which palsgd_hf keeps under its cache root unless HF_DATASETS_CACHE is set (data/lm_dataset.py).
-    from .data import resolve_cache_dir
-
     roots = [os.environ.get("HF_DATASETS_CACHE"), resolve_cache_dir(None) / "datasets",
              Path(constants.HF_HOME) / "datasets"]
     folder = repo_id.replace("/", "___")

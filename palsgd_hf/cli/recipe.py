@@ -14,7 +14,7 @@ A recipe names everything a run needs, at the top level::
 
 Sources: a local path; ``hub:ORG/REPO/path/in/repo.yaml[@revision]`` (fetched with
 ``huggingface_hub.hf_hub_download``, so HF_HUB_OFFLINE and the local cache work as for models);
-``builtin:NAME`` for the recipes shipped in ``palsgd_hf/recipes_builtin/`` (the demo's).
+``builtin:NAME`` for the recipes shipped in ``palsgd_hf/cli/builtin/`` (the demo's).
 
 Relative paths inside a recipe (train_files, validation_files, launch.accelerate_config,
 deepspeed) are tried against the working directory first, then the recipe's own directory; for a
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import enum
 import logging
 import os
@@ -41,9 +42,15 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from ..config import PALSGDConfigError
+from ..devices import cpu_only
+from ..integrations.trainer_args import PALSGDTrainingArguments
+from ..models import MODEL_PRESETS
+from .launch import check_accelerate_config
+
 logger = logging.getLogger(__name__)
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "recipes_builtin"
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 DATASETS = ("shakespeare",)
 LAUNCHERS = ("torchrun", "accelerate")
 # TrainingArguments fields a recipe may not set: the recipe's own keys say these things.
@@ -99,9 +106,6 @@ class Recipe:
 
     def training_arguments(self, **changes: Any):
         """``PALSGDTrainingArguments`` for this recipe (call inside the launched processes)."""
-        from .devices import cpu_only
-        from .integrations.trainer_args import PALSGDTrainingArguments
-
         values = {**self.training, **changes}
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cpu_only() and "use_cpu" not in values:
             # Without use_cpu the Trainer's accelerate state on a GPU-less machine is single-process in
@@ -271,8 +275,6 @@ def _build(source: str, locator: _Locator, raw: dict[str, Any]) -> Recipe:
 
 
 def _check_spec(source: str, spec: RecipeSpec, locator: _Locator) -> None:
-    from .models import MODEL_PRESETS
-
     if spec.model is not None and spec.model_preset is not None:
         raise RecipeError(f"recipe {source}: model={spec.model!r} and model_preset={spec.model_preset!r}: set one.")
     if spec.model is None and spec.model_preset is None:
@@ -322,8 +324,6 @@ def _check_launch(source: str, launch: LaunchSpec, locator: _Locator, training: 
                 "set launcher: accelerate or drop accelerate_config."
             )
         launch.accelerate_config = locator.resolve("launch.accelerate_config", launch.accelerate_config)
-        from .launch import check_accelerate_config
-
         check_accelerate_config(launch.accelerate_config, launch.num_processes)
     shard = training.get("palsgd_shard_size", 1)
     if launch.num_processes % shard != 0:
@@ -340,19 +340,14 @@ def check_training_arguments(recipe: Recipe) -> None:
     processes: the world size (PALSGD's shard layout is checked against launch.num_processes instead)
     and DeepSpeed (its config is checked to be a readable JSON file here; its init needs the job).
     Mixed precision is checked here only where a GPU is present, so a GPU recipe validates on a CPU
-    machine (``palsgd-hf train`` refuses to launch it there: :func:`palsgd_hf.launch.check_hardware`).
+    machine (``palsgd-hf train`` refuses to launch it there: :func:`palsgd_hf.cli.launch.check_hardware`).
     """
-    from .config import PALSGDConfigError
-    from .devices import cpu_only
-
     values = dict(recipe.training)
     values["palsgd_shard_size"] = 1
     if cpu_only():
         values["bf16"] = values["fp16"] = False
     deepspeed, values["deepspeed"] = values.get("deepspeed"), None
     if isinstance(deepspeed, str):
-        import json
-
         try:
             json.loads(Path(deepspeed).read_text())
         except (OSError, ValueError) as err:
@@ -381,8 +376,6 @@ _TRAINING_FIELDS: Optional[dict[str, Any]] = None
 def _training_fields() -> dict[str, Any]:
     global _TRAINING_FIELDS
     if _TRAINING_FIELDS is None:
-        from .integrations.trainer_args import PALSGDTrainingArguments
-
         hints = typing.get_type_hints(PALSGDTrainingArguments)
         _TRAINING_FIELDS = {f.name: hints[f.name] for f in dataclasses.fields(PALSGDTrainingArguments) if f.init}
     return _TRAINING_FIELDS

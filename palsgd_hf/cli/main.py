@@ -13,36 +13,20 @@ with one line on stderr and exit code 2, before any process starts.
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
+
+import yaml
+
+from . import demo, run
+from .errors import report_user_errors
+from .launch import build_command, check_hardware, format_command, in_launched_process, launch_env
+from .preflight import check_sources
+from .recipe import load_recipe
 
 USAGE = __doc__.split("\n\n")[1]
-
-
-@dataclass
-class _Status:
-    code: int = 0
-
-
-@contextlib.contextmanager
-def report_user_errors(prog: str = "palsgd-hf") -> Iterator[_Status]:
-    """Turn the user's mistakes into one stderr line and exit code 2 (no traceback); bugs still raise."""
-    from .config import PALSGDConfigError
-    from .launch import LaunchError
-    from .recipes import RecipeError
-
-    status = _Status()
-    try:
-        yield status
-    except (RecipeError, LaunchError, PALSGDConfigError) as err:
-        # Every rank of a launched job prints it: the first rank to exit makes torchrun stop the others,
-        # so rank 0 alone would often be killed before its line got out (the user saw no reason at all).
-        print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
-        status.code = 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -56,9 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command == "check":
         return _check(rest)
     if command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(rest)
+        return demo.main(rest)
     if command == "bench":
         return _bench(rest)
     print(f"palsgd-hf: error: unknown command {command!r}; one of train, check, demo, bench.\n{USAGE}", file=sys.stderr)
@@ -67,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _bench(argv: list[str]) -> int:
     """The benchmarks live in the checkout (benchmarks/, not installed): run them from there."""
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = Path(__file__).resolve().parents[2]
     if not (checkout / "benchmarks" / "harness").is_dir():
         print("palsgd-hf: error: `palsgd-hf bench` runs the benchmarks of a source checkout (benchmarks/ is not "
               "installed with the package); clone the repository, `pip install -e .`, and run it there.", file=sys.stderr)
@@ -79,10 +61,6 @@ def _bench(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from .launch import build_command, check_hardware, format_command, in_launched_process, launch_env
-    from .recipe_sources import check_sources
-    from .recipes import load_recipe
-
     if not argv or argv[0].startswith("-"):
         print(f"palsgd-hf train: error: give a recipe first: palsgd-hf train RECIPE [--key value ...]", file=sys.stderr)
         return 2
@@ -90,17 +68,13 @@ def _train(argv: list[str]) -> int:
     entry_args = [a for a in argv if a != "--dry-run"]
     if in_launched_process():
         # Already one process of a torchrun/accelerate job (the user launched `palsgd-hf train` itself).
-        from .train import main as train_main
-
-        return train_main(entry_args)
+        return run.main(entry_args)
     with report_user_errors("palsgd-hf train") as status:
         recipe = load_recipe(entry_args[0], entry_args[1:])  # everything checked before any process starts
         check_hardware(recipe)
         check_sources(recipe)  # a missing tokenizer/model/dataset: found here, not by every launched rank
         if recipe.launch.num_processes == 1 and not dry_run:
-            from .train import main as train_main
-
-            return train_main(entry_args)
+            return run.main(entry_args)
         cmd = build_command(recipe, entry_args)
         print(f"palsgd-hf: {format_command(cmd)}", file=sys.stderr, flush=True)
         if dry_run:
@@ -111,9 +85,6 @@ def _train(argv: list[str]) -> int:
 
 
 def _check(argv: list[str]) -> int:
-    from .launch import build_command, format_command
-    from .recipes import load_recipe
-
     if not argv:
         print("palsgd-hf check: error: give one or more recipes.", file=sys.stderr)
         return 2
@@ -129,17 +100,11 @@ def _check(argv: list[str]) -> int:
     return worst
 
 
-
 def _is_accelerate_config(source: str) -> bool:
     # So that `palsgd-hf check recipes/*/*.yaml` can pass over recipes/accelerate/*.yaml.
-    import yaml
-
     try:
         raw = yaml.safe_load(open(source))
     except (OSError, yaml.YAMLError):
         return False  # not a local file (hub:, builtin:) or unreadable: load_recipe reports it
     return isinstance(raw, dict) and "distributed_type" in raw and "compute_environment" in raw
 
-
-if __name__ == "__main__":
-    sys.exit(main())

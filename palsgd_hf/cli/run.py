@@ -1,19 +1,18 @@
 """The per-process training entry: one recipe, run by ``PALSGDTrainer`` on every launched process.
 
-    torchrun --standalone --nproc_per_node 2 -m palsgd_hf.train recipes/shakespeare-tiny/palsgd.yaml
-    python -m palsgd_hf.train RECIPE --launch.num_processes 1        # one process, on purpose
+    torchrun --standalone --nproc_per_node 2 -m palsgd_hf.cli.run recipes/shakespeare-tiny/palsgd.yaml
+    python -m palsgd_hf.cli.run RECIPE --launch.num_processes 1        # one process, on purpose
 
 ``palsgd-hf train RECIPE`` starts exactly this under the recipe's launcher; the benchmark and
 multi-node users start it under their own ``torchrun --nnodes ...``. It builds the tokenizer, the
 block datasets and the model the recipe names, trains, evaluates the final global model, saves
 it, and rank 0 writes ``<output_dir>/result.json`` (keys documented in docs/cli.md): final eval
-loss and perplexity (the shipped ``lm_perplexity`` evaluate metric), wall time, tokens read and
+loss and perplexity (exp of the eval loss), wall time, tokens read and
 computed, every rank's palsgd/* metrics, and the eval-loss history over steps and seconds.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -21,18 +20,21 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, default_data_collator
 
-from . import __version__
+from .. import __version__
+from ..data import build_lm_datasets, load_tokenizer, shakespeare_corpus
+from ..devices import cpu_only
+from ..integrations.trainer import PALSGDTrainer
+from ..models import build_causal_lm
+from .errors import report_user_errors
 from .launch import check_world
-from .recipes import Recipe, load_recipe
+from .preflight import check_sources
+from .recipe import Recipe, load_recipe
+from .result import RESULT_FILE, RESULT_VERSION, perplexity, write_json
 
 logger = logging.getLogger(__name__)
-
-RESULT_FILE = "result.json"
-RESULT_VERSION = 1
 
 
 class RunRecorder(TrainerCallback):
@@ -60,10 +62,6 @@ class RunRecorder(TrainerCallback):
 
 def run(recipe: Recipe) -> dict[str, Any]:
     """Train one recipe in this process (one rank of the job); return the result (rank 0 writes it)."""
-    from .data import build_lm_datasets, load_tokenizer, shakespeare_corpus
-    from .devices import cpu_only
-    from .integrations.trainer import PALSGDTrainer
-
     began = time.perf_counter()
     check_world(recipe.launch.num_processes)
     spec = recipe.spec
@@ -102,16 +100,13 @@ def run(recipe: Recipe) -> dict[str, Any]:
         trainer.save_model()  # the global model (PALSGDTrainer syncs before the last step's save)
     result = _result(recipe, args, trainer, output, final, recorder, spec.block_size, began)
     if trainer.is_world_process_zero():
-        result["final_perplexity"] = _perplexity(result["final_eval_loss"], len(eval_ds) * (spec.block_size - 1))
-        _write_json(Path(args.output_dir) / RESULT_FILE, result)
-        _write_json(Path(args.output_dir) / "recipe.json", {"source": recipe.source, **recipe.to_dict()})
+        write_json(Path(args.output_dir) / RESULT_FILE, result)
+        write_json(Path(args.output_dir) / "recipe.json", {"source": recipe.source, **recipe.to_dict()})
         logger.info("Result written to %s", Path(args.output_dir) / RESULT_FILE)
     return result
 
 
 def _build_model(spec, tokenizer, seed: int):
-    from .models import build_causal_lm
-
     return build_causal_lm(spec.model, spec.model_config, tokenizer=tokenizer, seed=seed,
                            preset=spec.model_preset or "tiny")
 
@@ -132,7 +127,7 @@ def _result(recipe, args, trainer, output, final, recorder, block_size, began) -
         "world_size": world,
         "global_steps": steps,
         "final_eval_loss": eval_loss,
-        "final_perplexity": None,  # filled in on rank 0 (the metric module takes seconds to import)
+        "final_perplexity": perplexity(eval_loss),
         "train_loss": output.training_loss,
         "train_runtime_s": output.metrics.get("train_runtime"),
         "wall_time_s": time.perf_counter() - began,
@@ -146,14 +141,6 @@ def _result(recipe, args, trainer, output, final, recorder, block_size, began) -
     }
 
 
-def _perplexity(eval_loss: Optional[float], num_tokens: int) -> Optional[float]:
-    if eval_loss is None:
-        return None
-    from .metrics import load_metric
-
-    return load_metric("lm_perplexity").compute(losses=[eval_loss], num_tokens=[max(num_tokens, 1)])["perplexity"]
-
-
 def _gather(metrics: dict[str, float]) -> list[dict[str, float]]:
     if not (dist.is_available() and dist.is_initialized()):
         return [metrics]
@@ -162,18 +149,8 @@ def _gather(metrics: dict[str, float]) -> list[dict[str, float]]:
     return out
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m palsgd_hf.train RECIPE [--key value ...]``; user errors exit 2 with one line."""
-    from .cli import report_user_errors
-    from .recipe_sources import check_sources
-
+    """``python -m palsgd_hf.cli.run RECIPE [--key value ...]``; user errors exit 2 with one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -183,7 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
-    with report_user_errors("palsgd_hf.train") as status:
+    with report_user_errors("palsgd_hf.cli.run") as status:
         # The TrainingArguments are checked when run() builds them, once, in the real world size.
         recipe = load_recipe(argv[0], argv[1:], check_training=False)
         check_sources(recipe)

