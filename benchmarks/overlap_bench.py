@@ -57,7 +57,7 @@ def worker(spec_path: str) -> None:
     from benchmarks.harness.settings import MODEL_SIZES
     from benchmarks.harness.worker import load_spec, prepare_data, training_arguments
     from palsgd_hf.integrations.trainer import PALSGDTrainer
-    from palsgd_hf.models import build_causal_lm
+    from palsgd_hf.lm import build_causal_lm
 
     settings, run = load_spec(spec_path)
     targs = training_arguments(settings, "palsgd", str(Path(run["out"]).parent / "trainer"))

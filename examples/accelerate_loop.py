@@ -1,6 +1,6 @@
 """A hand-written Accelerate training loop turned into PALSGD: the added lines end with ``# PALSGD``.
 
-Causal-LM training of a tiny GPT-Neo on the offline Shakespeare corpus (palsgd_hf.data), with
+Causal-LM training of a tiny GPT-Neo on the offline Shakespeare corpus (palsgd_hf.lm), with
 gradient accumulation, gradient clipping, an LR schedule, evaluation of the global model,
 ``accelerator.save_state`` / ``load_state`` checkpoints and an exact resume. Run it with two
 processes (on CPU, ``--multi_gpu`` is what makes accelerate start two; ``--cpu`` starts one)::
@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader
 from transformers import default_data_collator, get_cosine_schedule_with_warmup
 
 from palsgd_hf import PALSGDConfig
-from palsgd_hf.data import build_lm_datasets, load_tokenizer, shakespeare_corpus
+from palsgd_hf.lm import build_lm_datasets, load_tokenizer, shakespeare_corpus
 from palsgd_hf import PALSGDAccelerate, cpu_only  # PALSGD
-from palsgd_hf.models import build_causal_lm
+from palsgd_hf.lm import build_causal_lm
 
 
 def parse_args(argv=None) -> argparse.Namespace:

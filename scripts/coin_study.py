@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from palsgd_hf.adapters.module import ModuleAdapter  # noqa: E402
 from palsgd_hf.config import PALSGDConfig  # noqa: E402
 from palsgd_hf.core.algorithm import PALSGD, StepKind  # noqa: E402
-from palsgd_hf.data import build_lm_datasets, load_tokenizer, shakespeare_corpus  # noqa: E402
-from palsgd_hf.models import build_causal_lm  # noqa: E402
+from palsgd_hf.lm import build_lm_datasets, load_tokenizer, shakespeare_corpus  # noqa: E402
+from palsgd_hf.lm import build_causal_lm  # noqa: E402
 from tests.helpers.threads import run_threads  # noqa: E402
 
 BLOCK, BATCH = 64, 4

