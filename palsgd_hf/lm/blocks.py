@@ -58,8 +58,13 @@ def build_lm_datasets(
     Give either ``dataset_name`` (Hub) or ``train_files`` (local, optionally ``validation_files``).
     ``max_*_samples`` keep the first N blocks. Columns: the tokenizer's outputs plus ``labels``.
     """
-    # datasets pulls in pyarrow/pandas (~1 s); import it only when datasets are actually built.
-    import datasets
+    # datasets (the [demo] extra) pulls in pyarrow/pandas (~1 s); import it only when datasets are built.
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError(
+            "building LM datasets needs the `datasets` package: pip install 'palsgd_hf[demo]'"
+        ) from err
 
     _check_args(
         dataset_name,
