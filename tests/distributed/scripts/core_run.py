@@ -49,7 +49,7 @@ def main() -> None:
     )
     opt = wrap_optimizer(model, inner, cfg)
     algo = opt.algorithm
-    kinds, weights, calls = [], [], []
+    kinds, weights, calls, grad_norms = [], [], [], []
     for t in range(args.steps):
         g = torch.Generator().manual_seed(10_000 * rank + t)  # each rank its own data
         x = torch.randn(16, 6, generator=g)
@@ -58,6 +58,9 @@ def main() -> None:
         if kind is not StepKind.PSEUDO_SYNC:
             loss = torch.nn.functional.mse_loss(model(x), y)
             loss.backward()
+        # The gradient this rank steps with (DDP: the average), for the rounding bounds of the tests.
+        grads = [p.grad.flatten() for p in model.parameters() if p.grad is not None]
+        grad_norms.append(torch.cat(grads).double().norm().item() if grads else 0.0)
         opt.step()
         opt.zero_grad()
         kinds.append(kind.value)
@@ -69,7 +72,7 @@ def main() -> None:
     final = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world": world, "replica": algo.replica_index, "kinds": kinds, "weights": weights,
-         "comm_calls": calls, "metrics": metrics, "final": final}
+         "comm_calls": calls, "grad_norms": grad_norms, "metrics": metrics, "final": final}
     ))
     dist.barrier()
     dist.destroy_process_group()
