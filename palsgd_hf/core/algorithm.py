@@ -4,50 +4,34 @@ Phases of one optimizer step t (t counts every step, of all kinds, from 0):
 
 1. Warm-up (t < warmup_steps, or every step for method 'ddp'): ordinary synchronous data
    parallel. The backend's gradient all-reduce is on; the inner optimizer steps.
-2. After warm-up each replica draws a coin b ~ U[0, 1) from its own generator:
+2. After warm-up a coin b ~ U[0, 1) is drawn (``config.coins``: 'shared', one coin per step for
+   all replicas; 'per_replica', each replica its own generator; the ranks of a replica agree):
    - b < p, *pseudo-synchronization*: no forward, no backward, no communication; every owned
      tensor moves toward the stale anchor, x <- x - c (x - x_bar) with c = lr * eta / p.
    - b >= p, *gradient step*: local gradients only (the backend's all-reduce is off), the inner
      optimizer steps with its learning rate multiplied by 1 / (1 - p), then restored.
    In expectation: x <- x - lr [grad f(x) + eta (x - x_bar)], an elastic pull toward x_bar.
 3. Global sync after step t when (t + 1) mod H == 0 (after warm-up):
-   delta = mean over replicas of (x_bar - x)   (one all-reduce over the peer group)
-   x_bar <- outer_optimizer_step(x_bar, grad=delta);  x <- x_bar.
-   The inner optimizer's state is kept.
-   With ``comm_dtype='bf16'`` delta is rounded to bf16 for the wire and summed in fp32
-   (:class:`~palsgd_hf.core.comm.MeanExchange`): half the bytes.
-4. Overlapped sync (``overlap_steps`` = d >= 1, see :mod:`palsgd_hf.core.overlap`): at the sync
-   the average is only launched and x_launch = x kept; the workers take d more local steps
-   (pulls aim at the old anchor), then the outer step lands and
-   x <- x_bar_new + (x - x_launch): each worker keeps the progress made while waiting. A
-   non-finite average skips the outer step and sends every worker back to the old anchor.
-   finalize() applies an update in flight, then runs one last blocking sync; global_weights()
-   during the wait gives the old anchor (the latest complete global model); state_dict() waits
-   for the collective in flight and saves the exchange so that a resumed run applies it at the
-   same step. Memory: x_launch is one more fp32 copy of the owned tensors (on the anchor's
-   device), and the flat pseudo-gradient buffer lives for d steps instead of an instant.
+   delta = mean over replicas of (x_bar - x)   (one all-reduce over the peer group; bf16 on the
+   wire with ``comm_dtype='bf16'``, :class:`~palsgd_hf.core.comm.MeanExchange`);
+   x_bar <- outer_optimizer_step(x_bar, grad=delta);  x <- x_bar. The inner optimizer's state is
+   kept; the model's floating-point buffers (BatchNorm statistics) are averaged over all ranks.
+4. Overlapped sync (``overlap_steps`` = d >= 1): the average is launched at the sync and applied
+   d steps later, keeping the local progress made meanwhile (:mod:`palsgd_hf.core.overlap`).
 
 The anchor x_bar is created when the first local step starts (workers are made identical then by
-a broadcast from replica 0) and is refreshed only at global syncs: it is deliberately stale. At
-every sync the floating-point buffers of the model (e.g. BatchNorm statistics), which no optimizer
-owns, are averaged over all ranks too, so that the global model is one model.
-
-Coins (``config.coins``): 'shared' draws one coin per step for all replicas (every rank runs the
-same kind of step, so any collective inside a step pairs up); 'per_replica' gives each replica its
-own generator, seeded from (seed, replica). The ranks of one replica always share a coin.
-:mod:`~palsgd_hf.core.collective_guard` is armed from the coin draw of a local step to its end
-(:meth:`PALSGD.end_step`) and counts or refuses collectives across replicas issued meanwhile.
+a broadcast from replica 0) and is refreshed only at global syncs: it is deliberately stale.
 
 Integration contract: ask :meth:`PALSGD.step_kind` before computing (skip forward/backward on a
 pseudo-sync step), then call :meth:`PALSGD.optimizer_step` with the inner optimizer's step, once
 per optimizer step. :class:`~palsgd_hf.core.optimizer.PALSGDOptimizer` does the second part for
-loops that call ``optimizer.step()`` themselves.
+loops that call ``optimizer.step()`` themselves. From the draw to the end of a local step the
+collective guard (:mod:`~palsgd_hf.core.collective_guard`) watches collectives across replicas.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import math
 from typing import Any, Callable, Iterator, Optional
@@ -58,28 +42,13 @@ from ..config import PALSGDConfig
 from .adapter import OwnedGroup, ParamAdapter
 from .collective_guard import CollectiveGuard
 from .comm import WIRE_DTYPES, Communicator, LocalCommunicator
+from . import algorithm_state
 from .outer import Anchor
 from .overlap import PendingSync
-from .topology import Topology
+from .step_kinds import COUNTER_OF, COUNTERS, StepKind, coin_seed
+from .tensor_ops import agree_all_finite, average_buffers, check_aligned, lerp_
 
 logger = logging.getLogger(__name__)
-
-COUNTERS = ("warmup_steps", "gradient_steps", "pseudo_syncs", "outer_syncs", "skipped_syncs")
-
-
-class StepKind(str, enum.Enum):
-    WARMUP = "warmup"
-    GRADIENT = "gradient"
-    PSEUDO_SYNC = "pseudo_sync"
-
-
-def coin_seed(seed: int, replica_index: int) -> int:
-    """Seed of replica ``replica_index``'s coin generator: all ranks of a replica agree, replicas differ.
-
-    With shared coins every replica uses ``coin_seed(seed, 0)``.
-    """
-    return (seed * 1_000_003 + replica_index * 7_919 + 17) % (2**63 - 1)
-
 
 class PALSGD:
     """Pseudo-Asynchronous Local SGD for one rank.
@@ -118,7 +87,7 @@ class PALSGD:
         self.last_mixing_coefficient = 0.0
         coin_stream = replica_index if config.coins == "per_replica" else 0
         self._generator = torch.Generator().manual_seed(coin_seed(config.seed, coin_stream))
-        self.guard = guard if guard is not None else _job_guard(config)
+        self.guard = guard if guard is not None else CollectiveGuard.for_job(config)
         self.guard.describe_step = self.describe_step
         self.defer_step_end = False  # set by wrappers that end a step after optimizer_step returns
         self._clamp_warned = False
@@ -149,9 +118,8 @@ class PALSGD:
         """Draw step t's coin (and set the backend's gradient sync) without starting the step, for
         loops that must switch DDP off before their step's code runs (the Accelerate hooks)."""
         if self._kind is None:
-            if self.config.is_ddp or self.step < self.config.warmup_steps:
-                kind = StepKind.WARMUP
-            else:
+            kind = StepKind.WARMUP
+            if not (self.config.is_ddp or self.step < self.config.warmup_steps):
                 if self._anchor is None:
                     self._start_local_phase()
                 coin = torch.rand((), generator=self._generator).item()
@@ -187,7 +155,7 @@ class PALSGD:
         else:
             self.adapter.warmup_gradient_sync(self.peers)
             inner_step()
-        self.counters[_COUNTER_OF[kind]] += 1
+        self.counters[COUNTER_OF[kind]] += 1
         self.step += 1
         self._kind = None
         if kind is not StepKind.WARMUP:
@@ -204,11 +172,8 @@ class PALSGD:
         return kind
 
     def finalize(self) -> None:
-        """End of training: apply an overlapped sync in flight, then a last (blocking) global sync if
-        workers moved since the previous one.
-
-        Afterwards every worker holds the global model. Collective: every rank must call it.
-        """
+        """End of training: apply an overlapped sync in flight, then a last blocking sync if workers
+        moved since the previous one. Then every worker holds the global model. Collective."""
         if self._pending is not None:
             self._apply_pending()
         if self._anchor is not None and self._since_sync > 0:
@@ -249,17 +214,14 @@ class PALSGD:
         lr = float(group.options["lr"])
         if lr * self.config.mixing_rate <= self.config.pseudo_sync_prob:
             return self.config.check_mixing_coefficient(lr)
-        # c > 1 overshoots the anchor. Integrations check the schedule's peak before training starts;
-        # a schedule they could not see (or an LR changed by hand) reaches here: land on the anchor
-        # (c = 1) rather than crash mid-run, and say so once.
+        # c > 1 overshoots the anchor. Integrations check the schedule's peak before training; one they
+        # could not see (or an LR set by hand) lands here: land on the anchor rather than crash mid-run.
         if not self._clamp_warned:
             self._clamp_warned = True
-            logger.warning(
-                "PALSGD step %d: pull coefficient c = lr*eta/p = %g*%g/%g > 1 at this learning rate; using c = 1 "
-                "(the worker lands on the anchor). Lower mixing_rate to at most %g for learning rates this high.",
-                self.step, lr, self.config.mixing_rate, self.config.pseudo_sync_prob,
-                self.config.pseudo_sync_prob / lr,
-            )
+            logger.warning("PALSGD step %d: pull coefficient c = lr*eta/p = %g*%g/%g > 1; using c = 1 (the worker "
+                           "lands on the anchor). Lower mixing_rate to at most %g for learning rates this high.",
+                           self.step, lr, self.config.mixing_rate, self.config.pseudo_sync_prob,
+                           self.config.pseudo_sync_prob / lr)
         return 1.0
 
     def _pull(self) -> None:
@@ -272,8 +234,8 @@ class PALSGD:
                 c = self._coefficient(group)
                 self.last_mixing_coefficient = c
                 group_anchors = [next(anchors) for _ in group.tensors]
-                if c > 0 and group.tensors:  # a group may own nothing (e.g. LoRA's empty no-decay group)
-                    _lerp_(group.tensors, group_anchors, c)
+                if c > 0:
+                    lerp_(group.tensors, group_anchors, c)
         self.adapter.after_write()
 
     @contextlib.contextmanager
@@ -300,7 +262,7 @@ class PALSGD:
         exchange = self._exchange_pseudo_gradient(tensors)
         flat = exchange.wait()
         self.sync_seconds_blocked += exchange.seconds_blocked
-        if self._all_finite(flat):
+        if agree_all_finite((flat,), self.replica):
             self._anchor.outer_step(flat)
             self.counters["outer_syncs"] += 1
         else:
@@ -332,7 +294,7 @@ class PALSGD:
         flat = pending.exchange.wait()
         self.sync_seconds_blocked += pending.exchange.seconds_blocked
         tensors = self._owned_tensors()
-        if self._all_finite(flat):
+        if agree_all_finite((flat,), self.replica):
             self._anchor.outer_step(flat)
             self.counters["outer_syncs"] += 1
             pending.keep_local_progress(self._anchor.tensors, tensors)
@@ -344,7 +306,7 @@ class PALSGD:
 
     def _skip_sync(self) -> None:
         # Every peer saw the same averaged NaN/inf, so all skip together: no extra round.
-        if not self._all_finite(*self._anchor.tensors):
+        if not agree_all_finite(tuple(self._anchor.tensors), self.replica):
             # Returning to the anchor only helps if the anchor is good. It is not when the run diverged
             # before the local phase (or an outer step overflowed): every later sync would be skipped.
             raise FloatingPointError(
@@ -358,19 +320,8 @@ class PALSGD:
         reset = getattr(self.adapter, "reset_nonfinite_state", None)
         if reset is not None:
             reset()
-        logger.warning(
-            "PALSGD step %d: non-finite pseudo-gradient; outer update skipped, workers return to the last "
-            "good anchor (skipped_syncs=%d)", self.step, self.counters["skipped_syncs"],
-        )
-
-    def _all_finite(self, *tensors: torch.Tensor) -> bool:
-        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
-        # On the data's device: the replica group may be NCCL, which serves CUDA tensors only.
-        bad = torch.tensor([0.0 if finite else 1.0], device=tensors[0].device if tensors else None)
-        if self.replica.size > 1:
-            # Shards of one replica must agree, or half a model would be updated.
-            self.replica.all_reduce_max(bad)
-        return bad.item() == 0.0
+        logger.warning("PALSGD step %d: non-finite pseudo-gradient; outer update skipped, workers return to the "
+                       "last good anchor (skipped_syncs=%d)", self.step, self.counters["skipped_syncs"])
 
     def _owned_tensors(self) -> list[torch.Tensor]:
         tensors = [t for g in self.adapter.owned_groups() for t in g.tensors]
@@ -378,35 +329,13 @@ class PALSGD:
         return tensors
 
     def _check_aligned(self, tensors: list[torch.Tensor]) -> None:
-        """Anchors pair with owned tensors by position: a changed list would pair them wrongly."""
-        anchor = self._anchor
-        if anchor is None:
-            return
-        if len(tensors) != len(anchor.tensors) or any(t.shape != a.shape for t, a in zip(tensors, anchor.tensors)):
-            raise RuntimeError(
-                f"PALSGD step {self.step}: the tensors this rank trains changed since the local phase started "
-                f"({len(anchor.tensors)} with an anchor, now {len(tensors)}; e.g. a parameter was frozen or unfrozen, "
-                "or an optimizer group added). PALSGD keeps one anchor per trained tensor from its first local step: "
-                "set requires_grad and the optimizer's groups before training, or restart from a checkpoint."
-            )
+        if self._anchor is not None:
+            check_aligned(self.step, tensors, self._anchor.tensors)
 
     def _sync_buffers(self) -> None:
-        """Average the model's floating-point buffers over all ranks (blocking; every rank is here)."""
+        """Average the model's floating-point buffers (BatchNorm statistics...) over all ranks."""
         buffers_of = getattr(self.adapter, "sync_buffers", None)
-        buffers = buffers_of() if buffers_of is not None else []
-        if not buffers or (self.peers.size == 1 and self.replica.size == 1):
-            return
-        flat = torch.cat([b.detach().flatten().to(torch.float32) for b in buffers])
-        # The mean over the replica, then over the peers, is the mean over all ranks.
-        if self.replica.size > 1:
-            self.replica.all_reduce_mean(flat)
-        if self.peers.size > 1:
-            self.peers.all_reduce_mean(flat)
-        offset = 0
-        with torch.no_grad():
-            for b in buffers:
-                b.copy_(flat[offset : offset + b.numel()].view_as(b))
-                offset += b.numel()
+        average_buffers(buffers_of() if buffers_of is not None else [], self.replica, self.peers)
 
     def _set_gradient_sync(self, enabled: bool) -> None:
         if self._grad_sync is not enabled:
@@ -456,95 +385,13 @@ class PALSGD:
     # ------------------------------------------------------------------ metrics and state
     def metrics(self) -> dict[str, float]:
         """The palsgd/* log values (without the prefix)."""
-        out: dict[str, float] = {name: float(v) for name, v in self.counters.items()}
-        out["comm_bytes"] = float(self.peers.stats.bytes_sent + self.replica.stats.bytes_sent)
-        out["comm_seconds"] = self.peers.stats.seconds_blocked + self.replica.stats.seconds_blocked
-        # The pseudo-gradient exchanges alone: time blocked in them (the exposed cost of the outer
-        # syncs) and time they ran hidden behind local steps (overlap_steps > 0).
-        out["sync_seconds_blocked"] = self.sync_seconds_blocked
-        out["comm_seconds_overlapped"] = self.peers.stats.seconds_overlapped
-        out["drift"] = self.last_drift
-        out["mixing_coefficient"] = self.last_mixing_coefficient
-        out.update(self.guard.metrics())
-        return out
+        return algorithm_state.metrics(self)
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state. An overlapped sync in flight is waited for (nothing new is launched, so
         any subset of ranks may call this) and saved with x_launch, to be applied at the same step
         after a resume."""
-        return {
-            "step": self.step,
-            "counters": dict(self.counters),
-            "generator": self._generator.get_state(),
-            "kind": None if self._kind is None else self._kind.value,
-            "since_sync": self._since_sync,
-            "last_drift": self.last_drift,
-            "last_mixing_coefficient": self.last_mixing_coefficient,
-            "anchor": None if self._anchor is None else self._anchor.state_dict(),
-            "pending_sync": None if self._pending is None else self._pending.state_dict(),
-            "sync_seconds_blocked": self.sync_seconds_blocked,
-            "peers_stats": self.peers.stats.state_dict(),
-            "replica_stats": self.replica.stats.state_dict(),
-            "replica_index": self.replica_index,
-            "guard": self.guard.state_dict(),
-            "config": self.config.to_dict(),
-        }
+        return algorithm_state.save(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved_cfg = state.get("config", {})
-        for key in ("method", "sync_interval", "shard_size", "coins"):
-            if key in saved_cfg and saved_cfg[key] != getattr(self.config, key):
-                raise ValueError(
-                    f"the checkpoint was written with {key}={saved_cfg[key]!r} but this run has "
-                    f"{key}={getattr(self.config, key)!r}; resume with the same setting or start a new run."
-                )
-        if state.get("replica_index", self.replica_index) != self.replica_index:
-            raise ValueError(
-                f"the checkpoint belongs to replica {state['replica_index']} but this rank is replica "
-                f"{self.replica_index}; resume with the same number of processes and shard layout."
-            )
-        self.step = int(state["step"])
-        self.counters = {name: int(state["counters"].get(name, 0)) for name in COUNTERS}
-        self._generator.set_state(state["generator"])
-        self._kind = None if state["kind"] is None else StepKind(state["kind"])
-        self._since_sync = int(state["since_sync"])
-        self.last_drift = float(state["last_drift"])
-        self.last_mixing_coefficient = float(state["last_mixing_coefficient"])
-        self.peers.stats.load_state_dict(state["peers_stats"])
-        self.replica.stats.load_state_dict(state["replica_stats"])
-        if state["anchor"] is None:
-            self._anchor = None
-        else:
-            self._anchor = Anchor(self._owned_tensors(), self.config, self.anchor_device)
-            self._anchor.load_state_dict(state["anchor"])
-        self.sync_seconds_blocked = float(state.get("sync_seconds_blocked", 0.0))
-        self.guard.load_state_dict(state.get("guard", {}))
-        self._pending = None
-        if state.get("pending_sync") is not None:
-            device = self._owned_tensors()[0].device
-            self._pending = PendingSync.from_state(state["pending_sync"], self.peers, self._anchor.tensors, device)
-        self._grad_sync = None  # re-applied to the backend at the next step
-
-
-def _job_guard(config: PALSGDConfig) -> CollectiveGuard:
-    """The guard of this rank in the running job (inactive with one replica or no process group)."""
-    t = Topology.from_environment(config.shard_size)
-    return CollectiveGuard(t.replica_ranks(t.replica_index), t.num_replicas, refuse=config.coins == "per_replica")
-
-
-_COUNTER_OF = {
-    StepKind.WARMUP: "warmup_steps",
-    StepKind.GRADIENT: "gradient_steps",
-    StepKind.PSEUDO_SYNC: "pseudo_syncs",
-}
-
-
-def _lerp_(tensors: list[torch.Tensor], anchors: list[torch.Tensor], c: float) -> None:
-    """tensors <- tensors + c (anchors - tensors), in the tensors' own dtype and device."""
-    same = all(t.dtype == a.dtype and t.device == a.device for t, a in zip(tensors, anchors))
-    if same:
-        torch._foreach_lerp_(tensors, anchors, c)
-        return
-    for t, a in zip(tensors, anchors):
-        a = a.to(t.device, non_blocking=True)
-        t.copy_(t.to(a.dtype).lerp_(a, c))
+        algorithm_state.load(self, state)

@@ -49,6 +49,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from .topology import Topology
+
 logger = logging.getLogger(__name__)
 
 # The collective functions of torch.distributed that pair across ranks (point-to-point send/recv
@@ -97,6 +99,12 @@ class CollectiveGuard:
         self._inside_replica: dict[int, bool] = {}
         if self.active:
             install()
+
+    @classmethod
+    def for_job(cls, config) -> "CollectiveGuard":
+        """The guard of this rank in the running job (inactive with one replica or no process group)."""
+        t = Topology.from_environment(config.shard_size)
+        return cls(t.replica_ranks(t.replica_index), t.num_replicas, refuse=config.coins == "per_replica")
 
     @property
     def active(self) -> bool:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -46,12 +45,12 @@ import torch.distributed as dist
 from transformers import Trainer
 from transformers.utils import logging as hf_logging
 
-from . import faults
+from ..attach import build_algorithm
 from ..config import PALSGDConfig
 from ..core.algorithm import PALSGD, StepKind
 from ..core.optimizer import PALSGDOptimizer
-from ..attach import build_algorithm
-from . import checkpoint
+from . import checkpoint, faults
+from .schedules import schedule_peak_lr
 from .trainer_args import PALSGDTrainingArguments, check_trainer_options, check_training_args, check_world
 
 logger = logging.getLogger(__name__)
@@ -98,7 +97,7 @@ class PALSGDTrainerMixin:
             # ---- DeepSpeed ZeRO (palsgd_hf/adapters/deepspeed*.py): accelerate's deepspeed.initialize shards
             # within each replica of palsgd_shard_size ranks; the engine steps PALSGD inside backward, and
             # the optimizer's step() takes the pseudo-sync steps, which have no backward.
-            from ..adapters.deepspeed import DeepSpeedStepOptimizer, attach
+            from ..adapters.deepspeed import attach
             from ..adapters.deepspeed_groups import replica_sharding
 
             with replica_sharding(self.palsgd_config.shard_size, timeout):
@@ -106,7 +105,7 @@ class PALSGDTrainerMixin:
                     max_steps, train_dataloader, resume_from_checkpoint
                 )
             self.palsgd = attach(self.model_wrapped, self.palsgd_config, comm_timeout=timeout)
-            self.optimizer = DeepSpeedStepOptimizer(self.optimizer, self.palsgd)
+            self.optimizer = PALSGDOptimizer(self.optimizer, self.palsgd, engine_steps=True)
             # The engine takes gradient steps inside backward; the step's interior (token counting,
             # on_pre_optimizer_step, grad-norm logging) goes on until the Trainer's optimizer.step().
             self.palsgd.defer_step_end = True
@@ -293,7 +292,11 @@ class PALSGDTrainerMixin:
         return super()._finalize_training(trial, num_train_samples, start_time)
 
     def _palsgd_global_weights(self):
-        return self.palsgd.global_weights() if self.palsgd is not None else contextlib.nullcontext()
+        if self.palsgd is None:
+            return contextlib.nullcontext()
+        if isinstance(self.optimizer, PALSGDOptimizer):
+            return self.optimizer.global_weights()  # mode-aware (schedule-free optimizers)
+        return self.palsgd.global_weights()
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         local = getattr(self.args, "palsgd_eval_on", "global") == "local"
@@ -368,38 +371,6 @@ def _check_hooks(cls: type) -> None:
             f"PALSGDTrainer relies on Trainer methods {missing}, which transformers {transformers.__version__} does "
             "not have; install a transformers version this package supports (see pyproject.toml)."
         )
-
-
-def schedule_peak_lr(optimizer: Any, scheduler: Any, steps: int) -> float:
-    """The highest learning rate ``scheduler`` gives any parameter group over ``steps`` steps.
-
-    Trainer schedules are ``LambdaLR``s: their lambdas are evaluated directly (nothing is stepped).
-    Other schedulers are stepped on a saved state and restored; ReduceLROnPlateau, DeepSpeed's own
-    schedulers and anything that cannot be replayed fall back to the groups' initial learning rates.
-    """
-    initial = max(float(g.get("initial_lr", g["lr"])) for g in optimizer.param_groups)
-    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps one
-    steps = max(1, min(int(steps or 1), 1_000_000))
-    if isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
-        return max(base * float(fn(t)) for base, fn in zip(inner.base_lrs, inner.lr_lambdas) for t in range(steps + 1))
-    if not isinstance(inner, torch.optim.lr_scheduler.LRScheduler) or isinstance(
-        inner, torch.optim.lr_scheduler.ReduceLROnPlateau
-    ):
-        return initial
-    groups = inner.optimizer.param_groups
-    saved_lrs, saved_state = [g["lr"] for g in groups], inner.state_dict()
-    peak = max(initial, *saved_lrs)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
-            for _ in range(steps):
-                inner.step()
-                peak = max(peak, *(float(g["lr"]) for g in groups))
-    finally:
-        inner.load_state_dict(saved_state)
-        for g, lr in zip(groups, saved_lrs):
-            g["lr"] = lr
-    return peak
 
 
 class PALSGDTrainer(PALSGDTrainerMixin, Trainer):

@@ -15,7 +15,8 @@ import torch
 
 from palsgd_hf.config import PALSGDConfigError
 from palsgd_hf.lm import build_lm_datasets, load_tokenizer, shakespeare_corpus
-from palsgd_hf.integrations.trainer import PALSGDTrainer, schedule_peak_lr
+from palsgd_hf.integrations.schedules import schedule_peak_lr
+from palsgd_hf.integrations.trainer import PALSGDTrainer
 from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments
 from palsgd_hf.lm import build_causal_lm
 
