@@ -84,6 +84,10 @@ class DeepSpeedAdapter:
         self._broadcast_initial(comm)
 
     # ------------------------------------------------------------------ the adapter contract
+    # The partitions are broadcast from replica 0 at construction (or restored, identical, from a checkpoint
+    # written in warm-up) and warm-up averages over every rank: identical when the local phase starts.
+    starts_identical = True
+
     def owned_groups(self) -> list[OwnedGroup]:
         options = self.zero.optimizer.param_groups  # the live dicts the LR scheduler writes
         if self.stage in (1, 2):

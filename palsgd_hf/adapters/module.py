@@ -44,6 +44,12 @@ class ModuleAdapter:
         if self.ddp is not None and comm is not None:
             self._install_counting_hook(comm)
 
+    @property
+    def starts_identical(self) -> bool:
+        """DDP broadcasts the weights at construction and averages every warm-up step: the replicas are
+        identical when the local phase starts, so it needs no broadcast."""
+        return self.ddp is not None
+
     def owned_groups(self) -> list[OwnedGroup]:
         groups = [OwnedGroup(g, [p for p in g["params"] if id(p) in self._trained]) for g in self.optimizer.param_groups]
         late = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad and id(p) not in self._trained]

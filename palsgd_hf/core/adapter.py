@@ -42,5 +42,7 @@ class ParamAdapter(Protocol):
     def warmup_gradient_sync(self, comm: Communicator) -> None:
         """Average gradients over all workers before a warm-up step, if the backend did not."""
 
-    # Optional: ``reset_nonfinite_state()`` -- replace non-finite values in the inner optimizer's
+    # Optional: ``starts_identical`` (True when the backend keeps the replicas identical through warm-up, so
+    # the local phase needs no broadcast), ``on_local_phase_start()``, ``sync_buffers()`` (buffers averaged
+    # at a sync), ``reset_nonfinite_state()`` -- replace non-finite values in the inner optimizer's
     # state by zeros; called after a sync was skipped for a non-finite pseudo-gradient.

@@ -192,12 +192,14 @@ class PALSGD:
         start = getattr(self.adapter, "on_local_phase_start", None)
         if start is not None:
             start()
-        # Warm-up leaves workers identical when the backend averaged gradients, but a loop that
-        # started from different initializations would not be: one broadcast makes it so.
+        # Backends that make the replicas identical at construction (DDP, DeepSpeed) keep them so through
+        # synchronous warm-up: nothing to send. A bare module's loop may have started from different
+        # initializations: one broadcast makes the workers identical.
         tensors = self._owned_tensors()
-        with torch.no_grad():
-            for t in tensors:
-                self.peers.broadcast(t.data, 0)
+        if not getattr(self.adapter, "starts_identical", False):
+            with torch.no_grad():
+                for t in tensors:
+                    self.peers.broadcast(t.data, 0)
         self.adapter.after_write()
         self._sync_buffers()
         self._anchor = Anchor(tensors, self.config, self.anchor_device)
