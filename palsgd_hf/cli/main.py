@@ -13,6 +13,7 @@ with one line on stderr and exit code 2, before any process starts.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,7 @@ USAGE = __doc__.split("\n\n")[1]
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _show_warnings()
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -76,28 +78,43 @@ def _train(argv: list[str]) -> int:
         if recipe.launch.num_processes == 1 and not dry_run:
             return run.main(entry_args)
         cmd = build_command(recipe, entry_args)
-        print(f"palsgd-hf: {format_command(cmd)}", file=sys.stderr, flush=True)
         if dry_run:
-            print(format_command(cmd))
+            print(format_command(cmd))  # once, on stdout: what would run
             return 0
+        print(f"palsgd-hf: {format_command(cmd)}", file=sys.stderr, flush=True)
         return subprocess.run(cmd, env=launch_env()).returncode
     return status.code
 
 
 def _check(argv: list[str]) -> int:
-    if not argv:
-        print("palsgd-hf check: error: give one or more recipes.", file=sys.stderr)
+    # `palsgd-hf check RECIPE [RECIPE ...] [--key value ...]`: the overrides apply to every recipe, as in train.
+    first_flag = next((i for i, a in enumerate(argv) if a.startswith("--")), len(argv))
+    sources, overrides = argv[:first_flag], argv[first_flag:]
+    if not sources:
+        print("palsgd-hf check: error: give one or more recipes (then any --key value overrides).", file=sys.stderr)
         return 2
     worst = 0
-    for source in argv:
+    for source in sources:
         if _is_accelerate_config(source):
             print(f"skip {source}: an accelerate launch config, not a recipe")
             continue
         with report_user_errors(f"palsgd-hf check {source}") as status:
-            recipe = load_recipe(source)
-            print(f"ok  {source}: {format_command(build_command(recipe, [source]))}")
+            recipe = load_recipe(source, overrides)
+            print(f"ok  {source}: {format_command(build_command(recipe, [source, *overrides]))}")
         worst = max(worst, status.code)
     return worst
+
+
+def _show_warnings() -> None:
+    """The library's warnings (a sync interval longer than the run, a weak pull...) reach the user of the
+    command, which configures logging for its own process only (never at import)."""
+    ours = logging.getLogger("palsgd_hf")
+    if not ours.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("palsgd-hf: warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        ours.addHandler(handler)
+        ours.propagate = False
 
 
 def _is_accelerate_config(source: str) -> bool:

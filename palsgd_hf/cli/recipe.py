@@ -352,9 +352,11 @@ def check_training_arguments(recipe: Recipe) -> None:
             json.loads(Path(deepspeed).read_text())
         except (OSError, ValueError) as err:
             raise RecipeError(f"recipe {recipe.source}: deepspeed={deepspeed!r} is not a readable JSON file: {err}.") from None
+    # The arguments' own warnings (a sync interval longer than the run, a weak pull) are about the run and
+    # shown; the single-worker one is about this one-process check, not the launched job, and dropped.
     quiet = logging.getLogger("palsgd_hf.integrations.trainer_args")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its single-worker warning is about this 1-process check, not the run
+    only_run_warnings = _DropSingleWorkerWarning()
+    quiet.addFilter(only_run_warnings)
     try:
         recipe.training_arguments(**values)
     except PALSGDConfigError as err:
@@ -362,7 +364,12 @@ def check_training_arguments(recipe: Recipe) -> None:
     except (ValueError, TypeError) as err:
         raise RecipeError(f"recipe {recipe.source}: TrainingArguments rejected it: {err}") from None
     finally:
-        quiet.setLevel(level)
+        quiet.removeFilter(only_run_warnings)
+
+
+class _DropSingleWorkerWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("PALSGD with a single worker")
 
 
 # ---------------------------------------------------------------------------------------------- types
