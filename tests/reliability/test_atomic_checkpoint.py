@@ -18,7 +18,7 @@ import textwrap
 import pytest
 import torch
 
-from palsgd_hf import reliability
+from palsgd_hf.integrations import faults as reliability
 from tests.reliability.runs import launch
 
 pytestmark = pytest.mark.timeout(600)

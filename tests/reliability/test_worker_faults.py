@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from palsgd_hf import reliability
+from palsgd_hf.integrations import faults as reliability
 from tests.reliability.runs import launch, losses
 
 pytestmark = pytest.mark.timeout(600)
