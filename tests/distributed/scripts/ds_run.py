@@ -6,8 +6,8 @@ across replicas. A raw DeepSpeed loop: skip forward/backward on a pseudo-sync st
 
 ``ref``: one process per replica, a DDP model with ModuleAdapter (shard_size 1), fed on every step
 the concatenation of the micro-batches that the S ranks of the same replica get in ``ds`` mode.
-Same model init, coin seeds, optimizer, clipping and LR schedule: the same algorithm, sharded
-differently, so the two trajectories must agree.
+Same model init, coin seeds, optimizer (``--optim``), clipping and LR schedule: the same algorithm,
+sharded differently, so the two trajectories must agree.
 
 Writes rank{R}.json: step kinds, learning rates, this rank's owned fp32 partition after every
 step, the full weights after every sync and at the end, peer-group bytes after every step.
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--p", type=float, default=0.3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lr", type=float, default=0.02)
+    ap.add_argument("--optim", choices=["adamw", "sgd"], default="adamw",
+                    help="the inner optimizer (sgd for the equivalence tests: tests/helpers/bounds.py says why)")
     ap.add_argument("--micro", type=int, default=4, help="micro-batch size per rank")
     ap.add_argument("--accum", type=int, default=1)
     ap.add_argument("--save-at", type=int, default=None, help="save a checkpoint after this many steps, then stop")
@@ -98,7 +100,10 @@ def main() -> None:
         coins="per_replica",
     )
     model = make_model()
-    inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    if args.optim == "sgd":
+        inner = torch.optim.SGD(model.parameters(), lr=args.lr)
+    else:
+        inner = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(inner, lambda t: schedule(t, args.steps))
 
     if args.mode == "ds":
@@ -199,6 +204,7 @@ def main() -> None:
         "engine_global_steps": engine.global_steps if args.mode == "ds" else None,
         "owned_numel": sum(t_.numel() for g in algo.adapter.owned_groups() for t_ in g.tensors),
         "model_numel": sum(p.numel() for p in make_model().parameters()),
+        "initial": flat(make_model().parameters()),  # every rank's and mode's starting weights
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
