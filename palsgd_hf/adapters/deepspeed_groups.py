@@ -6,9 +6,10 @@ S ranks (see :mod:`palsgd_hf.core.topology`): ZeRO must shard within a replica (
 never reduce gradients across replicas, which is PALSGD's job. So the data-parallel group we hand
 DeepSpeed is the replica group, and the model-parallel group is the rank alone (size 1).
 
-The process groups are created once per process and shard size (``dist.new_group`` is collective
-over the whole world, and every group costs connections), and the same :class:`ProcessGroups`
-feed both DeepSpeed (through the mpu) and the PALSGD communicators.
+The process groups (a ``replica x shard`` device mesh, :func:`~palsgd_hf.core.topology.build_process_groups`)
+are created once per process and shard size (group creation is collective over the whole world, and
+every group costs connections), and the same :class:`ProcessGroups` feed both DeepSpeed (through the
+mpu) and the PALSGD communicators.
 
 DeepSpeed also checks ``train_batch_size == micro_batch * grad_accum * dp_world_size``, where the
 data-parallel size is now S rather than the world size; :func:`fit_batch_size` rewrites a config
@@ -105,19 +106,13 @@ def replica_mpu(shard_size: int, timeout: Optional[timedelta] = None) -> Replica
         groups = build_process_groups(topology, timeout)
         kwargs = {"timeout": timeout} if timeout is not None else {}
         self_group = None
-        # One-rank groups: the model-parallel group, and the replica group when S = 1
-        # (build_process_groups reports "whole world" as None, which is not what S = 1 means).
+        # One-rank groups: the model-parallel group (new_group is collective: every rank creates each).
         for rank in range(topology.world_size):
             group = dist.new_group([rank], **kwargs)
             if rank == topology.rank:
                 self_group = group
-        if shard_size == 1:
-            replica_group = self_group
-        elif groups.replica is None:  # S = W: one replica, the whole world
-            replica_group = dist.group.WORLD
-        else:
-            replica_group = groups.replica
-        _CACHE[key] = ReplicaMPU(topology, groups, self_group, replica_group)
+        # ZeRO's data-parallel group is the mesh's replica group (the rank alone when S = 1).
+        _CACHE[key] = ReplicaMPU(topology, groups, self_group, groups.replica)
         logger.info(
             "PALSGD + DeepSpeed layout: %d replicas x %d shards; ZeRO shards within replica %d (ranks %s)",
             topology.num_replicas, shard_size, topology.replica_index,

@@ -4,7 +4,8 @@ The world of W ranks is R = W / S replicas of S ranks each. Rank ``r`` is shard 
 replica ``r // S``. Inside a replica the S ranks shard one model copy (ZeRO); across replicas the
 ranks that own the same shard form a *peer group*: that is the group a pseudo-gradient is
 averaged over, each rank exchanging only the partition it owns. With S = 1 every rank is its own
-replica and the peer group is the whole world.
+replica and the peer group is the whole world. The groups are the two dimensions of a
+``DeviceMesh`` (``init_device_mesh(..., (R, S), mesh_dim_names=("replica", "shard"))``).
 
     W = 4, S = 2:   replica groups {0,1} {2,3}     peer groups {0,2} {1,3}
 """
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
+import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from ..config import PALSGDConfigError
 
@@ -66,42 +70,36 @@ class Topology:
 class ProcessGroups:
     """This rank's groups: ``replica`` (ZeRO inside a worker) and ``peers`` (PALSGD across workers).
 
-    A group is ``None`` when it would be the whole world, so callers use the default group.
+    ``None`` only without a distributed job (one process). ``mesh`` is the 2-D device mesh
+    (``("replica", "shard")``) they come from, for code that wants the mesh itself.
     """
 
     replica: Optional[dist.ProcessGroup]
     peers: Optional[dist.ProcessGroup]
+    mesh: Optional[DeviceMesh] = None
 
 
 def build_process_groups(topology: Topology, timeout: Optional[timedelta] = None) -> ProcessGroups:
-    """Create the replica and peer groups. Every rank must call this, in the same order.
+    """Create the replica and peer groups from a ``replica x shard`` device mesh. Every rank must call
+    this, in the same order (group creation is collective over the whole world).
 
-    ``dist.new_group`` is collective over the whole world even for ranks outside the new group,
-    so each rank creates every group and keeps the two it belongs to.
+    Rank r sits at (r // S, r % S) of the mesh: the mesh's "shard" dimension through r is its replica
+    group (the S ranks that shard one model copy), its "replica" dimension is its peer group (the R
+    ranks, one per replica, that own the same shard). ``timeout`` bounds every collective on both.
     """
     if topology.world_size == 1 or not dist.is_initialized():
         return ProcessGroups(None, None)
-    kwargs = {"timeout": timeout} if timeout is not None else {}
-    s, r = topology.shard_size, topology.num_replicas
-    replica_group = peer_group = None
-    if s > 1:
-        for replica in range(r):
-            group = dist.new_group(topology.replica_ranks(replica), **kwargs)
-            if replica == topology.replica_index:
-                replica_group = group
-    if s > 1 and r > 1:
-        for shard in range(s):
-            group = dist.new_group(topology.peer_ranks(shard), **kwargs)
-            if shard == topology.shard_index:
-                peer_group = group
-    if s == 1:
-        peer_group = None  # every rank a replica: the peers are the whole world
-    if r == 1:
-        # A single replica has no peers to average with; a one-rank group keeps the code path uniform.
-        for rank in range(topology.world_size):
-            group = dist.new_group([rank], **kwargs)
-            if rank == topology.rank:
-                peer_group = group
-    if s == topology.world_size:
-        replica_group = None
-    return ProcessGroups(replica_group, peer_group)
+    mesh = init_device_mesh(
+        _mesh_device_type(), (topology.num_replicas, topology.shard_size), mesh_dim_names=("replica", "shard")
+    )
+    groups = ProcessGroups(replica=mesh.get_group("shard"), peers=mesh.get_group("replica"), mesh=mesh)
+    if timeout is not None:
+        for group in (groups.replica, groups.peers):
+            _set_pg_timeout(timeout, group)  # private API (torch >= 2.3; torchtitan uses it too)
+    return groups
+
+
+def _mesh_device_type() -> str:
+    # The mesh's groups use the default group's backend for this device type: NCCL for CUDA, gloo for CPU.
+    backend = str(dist.get_backend()).lower()
+    return "cuda" if "nccl" in backend and torch.cuda.is_available() else "cpu"
