@@ -94,9 +94,9 @@ def worker_fault_message(
         if last is not None
         else f"there is no complete checkpoint in {output_dir!r} to resume from (set save_steps to write some)"
     )
-    doing = f", in PALSGD {where}" if where else ""
+    doing = f" in PALSGD {where}" if where else ""
     return (
-        f"rank {rank} at step {step}{doing}: a collective with the other ranks failed ({first}). Either another rank "
+        f"rank {rank} at step {step}: a collective with the other ranks failed ({first}){doing}. Either another rank "
         f"died or stopped answering, or every rank is alive but they waited in different collectives (one issued by "
         f"some ranks only; compare the step kinds in each rank's message) (collective timeout "
         f"{timeout.total_seconds():.0f} s, set by palsgd_comm_timeout_seconds or ddp_timeout); see the first failing "

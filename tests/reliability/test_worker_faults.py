@@ -91,6 +91,12 @@ def test_fault_errors_are_recognised_and_explained(tmp_path):
     text = reliability.worker_fault_message(gloo_timeout, rank=0, step=1, timeout=timedelta(seconds=5),
                                             output_dir=str(empty))
     assert "no complete checkpoint" in text and "save_steps" in text
+    # Every rank alive but waiting in different collectives reads the same from inside: the message says both,
+    # with this rank's PALSGD step kind to compare across the ranks' logs.
+    text = reliability.worker_fault_message(gloo_timeout, rank=0, step=5, timeout=timedelta(seconds=5),
+                                            output_dir=str(empty), where="step 5 (a pseudo_sync step; coins=shared)")
+    assert text.startswith("rank 0 at step 5: a collective with the other ranks failed (")
+    assert "in PALSGD step 5 (a pseudo_sync step; coins=shared)" in text and "waited in different collectives" in text
 
 
 def test_one_setting_is_the_timeout_of_every_collective(tmp_path):
