@@ -3,8 +3,8 @@ a half-written one.
 
 The Trainer writes ``checkpoint-N/`` in place, file by file, from every rank. PALSGDTrainer makes rank 0's
 ``trainer_state.json`` the last file of a checkpoint (a barrier after every rank's files) and resumes only
-from checkpoints that have it (palsgd_hf/reliability.py); its own per-rank files are written to a temporary
-file and renamed (palsgd_hf/integrations/checkpoint.py).
+from checkpoints that have it (palsgd_hf/integrations/faults.py); its own per-rank files are written
+atomically (palsgd_hf/state_files.py).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_last_complete_checkpoint_skips_what_a_crash_left(tmp_path):
     assert reliability.resolve_resume(str(good), str(tmp_path)) == str(good)
     assert reliability.resolve_resume(None, str(tmp_path)) is None
     # As the command line gives it: `--resume_from_checkpoint true` reaches the Trainer as the string "true".
-    from palsgd_hf.recipes import load_recipe
+    from palsgd_hf.cli.recipe import load_recipe
 
     assert load_recipe("recipes/shakespeare-tiny/palsgd.yaml", ["--resume_from_checkpoint", "true"]).training[
         "resume_from_checkpoint"] == "true"
