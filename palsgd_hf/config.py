@@ -93,7 +93,8 @@ class PALSGDConfig:
         metadata={"help": "Outer momentum (Adam: beta1). Default: the method's (0.9; 0 for localsgd)."},
     )
     seed: int = field(
-        default=0, metadata={"help": "Seed of the coin generator(s): (seed) with shared coins, (seed, r) for replica r."}
+        default=0,
+        metadata={"help": "Seed of the coin generator(s): (seed) with shared coins, (seed, r) for replica r."},
     )
     coins: str = field(
         default="shared",

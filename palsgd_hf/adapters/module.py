@@ -51,8 +51,9 @@ class ModuleAdapter:
         return self.ddp is not None
 
     def owned_groups(self) -> list[OwnedGroup]:
-        groups = [OwnedGroup(g, [p for p in g["params"] if id(p) in self._trained]) for g in self.optimizer.param_groups]
-        late = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad and id(p) not in self._trained]
+        param_groups = self.optimizer.param_groups
+        groups = [OwnedGroup(g, [p for p in g["params"] if id(p) in self._trained]) for g in param_groups]
+        late = [p for g in param_groups for p in g["params"] if p.requires_grad and id(p) not in self._trained]
         if late:
             raise RuntimeError(
                 f"{len(late)} parameter(s) of shape {[tuple(p.shape) for p in late][:3]} became trainable after PALSGD "

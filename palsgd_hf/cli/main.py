@@ -54,7 +54,8 @@ def _bench(argv: list[str]) -> int:
     checkout = Path(__file__).resolve().parents[2]
     if not (checkout / "benchmarks" / "harness").is_dir():
         print("palsgd-hf: error: `palsgd-hf bench` runs the benchmarks of a source checkout (benchmarks/ is not "
-              "installed with the package); clone the repository, `pip install -e .`, and run it there.", file=sys.stderr)
+              "installed with the package); clone the repository, `pip install -e .`, and run it there.",
+              file=sys.stderr)
         return 2
     sys.path.insert(0, str(checkout))
     from benchmarks.harness.cli import main as bench_main  # the checkout's, found through the path just added

@@ -204,7 +204,8 @@ class PALSGD:
         self._sync_buffers()
         self._anchor = Anchor(tensors, self.config, self.anchor_device)
         # Strict here, before any local work: c > 1 at the current learning rate is a configuration error.
-        coefficients = [self.config.check_mixing_coefficient(float(g.options["lr"])) for g in self.adapter.owned_groups()]
+        groups = self.adapter.owned_groups()
+        coefficients = [self.config.check_mixing_coefficient(float(g.options["lr"])) for g in groups]
         logger.info(
             "PALSGD local phase starts at step %d: method=%s H=%d p=%g eta=%g, pull coefficient c=lr*eta/p=%s "
             "(aim for ~0.01-0.1 at peak LR); anchor holds %d values",

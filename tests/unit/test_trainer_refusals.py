@@ -67,8 +67,9 @@ def test_schedule_peak_falls_back_to_the_initial_lr_for_plateau_schedules():
 def test_a_one_cycle_schedule_whose_peak_overshoots_is_refused_before_training(tmp_path):
     tokenizer = load_tokenizer("bpe-shakespeare-2048")
     corpus = shakespeare_corpus()
-    train, _ = build_lm_datasets(tokenizer, train_files=corpus.train_files[:1], validation_files=corpus.validation_files[:1],
-                                 block_size=16, max_train_samples=64, max_eval_samples=4)
+    train, _ = build_lm_datasets(tokenizer, train_files=corpus.train_files[:1],
+                                 validation_files=corpus.validation_files[:1], block_size=16, max_train_samples=64,
+                                 max_eval_samples=4)
     model = build_causal_lm(tokenizer=tokenizer, seed=0)
     # p = 0.2, eta = 1: c = lr / 0.2. OneCycle starts at 0.1 / 25 = 0.004 (c = 0.02) and peaks at 0.1 (c = 0.5)...
     args = make(tmp_path, max_steps=20, per_device_train_batch_size=2, palsgd_warmup_steps=2,

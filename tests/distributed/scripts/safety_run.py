@@ -83,7 +83,8 @@ class KindRecorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         counters = dict(self.trainer.palsgd.counters)
         grew = [k for k in ("warmup_steps", "gradient_steps", "pseudo_syncs") if counters[k] != self._last.get(k, 0)]
-        self.kinds.append({"warmup_steps": "warmup", "gradient_steps": "gradient", "pseudo_syncs": "pseudo_sync"}[grew[0]])
+        names = {"warmup_steps": "warmup", "gradient_steps": "gradient", "pseudo_syncs": "pseudo_sync"}
+        self.kinds.append(names[grew[0]])
         self._last = counters
 
 
@@ -122,7 +123,8 @@ def main() -> None:
     training_args = PALSGDTrainingArguments(
         output_dir=args.run_dir, max_steps=args.steps, per_device_train_batch_size=2, learning_rate=3e-3,
         lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=5, report_to="none", seed=0,
-        **({} if "save_strategy" in extra else {"save_strategy": "no"}), use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        **({} if "save_strategy" in extra else {"save_strategy": "no"}),
+        use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
         palsgd_sync_interval=args.H, palsgd_pseudo_sync_prob=args.p, palsgd_mixing_rate=1.0,
         palsgd_warmup_steps=1 if args.case == "warmup-1" else 2, palsgd_coins=args.coins,
         palsgd_comm_timeout_seconds=60, **extra,
