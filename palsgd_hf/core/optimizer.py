@@ -105,20 +105,23 @@ class PALSGDOptimizer(torch.optim.Optimizer):
         from them and the optimizer's state) must swap the anchor, a training iterate, in and out in
         train mode; else the local weights come back while the optimizer believes they are the eval
         iterate, and its next ``train()`` moves them. Inside the block the optimizer is in the mode it
-        was in before; afterwards too (whatever mode the block left it in).
+        was in before; afterwards, in the mode the block left it in (the local weights back).
         """
         evaluating = _in_eval_mode(self.optimizer)
         if evaluating:
             self.optimizer.train()
+        left_in_eval = evaluating
         with self.algorithm.global_weights():
             if evaluating:
                 self.optimizer.eval()
             try:
                 yield
             finally:
+                # The Trainer's evaluation_loop calls optimizer.eval() inside the block: leave it so.
+                left_in_eval = _in_eval_mode(self.optimizer)
                 if _has_modes(self.optimizer):
                     self.optimizer.train()
-        if evaluating:
+        if left_in_eval:
             self.optimizer.eval()
 
     # ------------------------------------------------------------------ the inner optimizer's
