@@ -19,8 +19,9 @@ Phases of one optimizer step t (t counts every step, of all kinds, from 0):
 4. Overlapped sync (``overlap_steps`` = d >= 1): the average is launched at the sync and applied
    d steps later, keeping the local progress made meanwhile (:mod:`palsgd_hf.core.overlap`).
 
-The anchor x_bar is created when the first local step starts (workers are made identical then by
-a broadcast from replica 0) and is refreshed only at global syncs: it is deliberately stale.
+The anchor x_bar is created when the first local step starts (workers are identical then: DDP and
+DeepSpeed keep them so, a bare module gets a broadcast from replica 0) and is refreshed only at
+global syncs: it is deliberately stale.
 
 Integration contract: ask :meth:`PALSGD.step_kind` before computing (skip forward/backward on a
 pseudo-sync step), then call :meth:`PALSGD.optimizer_step` with the inner optimizer's step, once

@@ -110,18 +110,6 @@ class CollectiveGuard:
     def active(self) -> bool:
         return self.num_replicas > 1
 
-    @contextlib.contextmanager
-    def armed(self) -> Iterator[None]:
-        """Check collectives while inside (the interior of a local step); re-entrant."""
-        if not self.active or _state.guard is self:
-            yield
-            return
-        previous, _state.guard = _state.guard, self
-        try:
-            yield
-        finally:
-            _state.guard = previous
-
     def arm(self) -> None:
         if self.active:
             _state.guard = self
@@ -191,10 +179,6 @@ def palsgd_issuing() -> Iterator[None]:
     finally:
         _state.issuing -= 1
 
-
-def current_guard() -> Optional[CollectiveGuard]:
-    """The guard armed in this thread (None outside a local step)."""
-    return _state.guard
 
 
 # ---------------------------------------------------------------------------------------------- install

@@ -322,11 +322,7 @@ class Communicator:
         if self.size > 1:
             self.record(tensor.numel() * tensor.element_size())
             start = time.perf_counter()
-            wire = self.placed(tensor)
-            with palsgd_issuing():
-                dist.all_reduce(wire, op=dist.ReduceOp.MAX, group=self.group)
-            if wire is not tensor:
-                tensor.copy_(wire)
+            self._in_place(tensor, lambda wire: dist.all_reduce(wire, op=dist.ReduceOp.MAX, group=self.group))
             self.stats.seconds_blocked += time.perf_counter() - start
         return tensor
 
@@ -337,13 +333,17 @@ class Communicator:
                 self.record(tensor.numel() * tensor.element_size())
             start = time.perf_counter()
             src = dist.get_global_rank(self.group, src_group_rank) if self.group is not None else src_group_rank
-            wire = self.placed(tensor)
-            with palsgd_issuing():
-                dist.broadcast(wire, src=src, group=self.group)
-            if wire is not tensor:
-                tensor.copy_(wire)
+            self._in_place(tensor, lambda wire: dist.broadcast(wire, src=src, group=self.group))
             self.stats.seconds_blocked += time.perf_counter() - start
         return tensor
+
+    def _in_place(self, tensor: torch.Tensor, collective) -> None:
+        """Run an in-place ``collective`` on ``tensor`` where the backend needs it, and copy back if moved."""
+        wire = self.placed(tensor)
+        with palsgd_issuing():
+            collective(wire)
+        if wire is not tensor:
+            tensor.copy_(wire)
 
     def barrier(self) -> None:
         if self.size > 1:

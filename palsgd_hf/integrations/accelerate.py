@@ -177,7 +177,7 @@ class PALSGDAccelerate:
     def _after_step(self, kind: StepKind) -> None:
         self.algorithm.prepare_step()  # draw the next step's coin now, before accumulate() enters no_sync
         if kind is StepKind.PSEUDO_SYNC:
-            _settle_skipped_inner_step(self.optimizer.optimizer)
+            settle_skipped_inner_step(self.optimizer.optimizer)
 
     # ------------------------------------------------------------------ checkpoints
     def _rank_file(self, directory: str) -> str:
@@ -253,7 +253,7 @@ class _RankStateLoader:
         self._hooks._restore_rank_state(state)
 
 
-def _settle_skipped_inner_step(accelerated) -> None:
+def settle_skipped_inner_step(accelerated) -> None:
     """Reset what ``AcceleratedOptimizer.step`` resets on every step, after a pseudo-sync step skipped it.
 
     Its overflow flag still says how the previous inner step went; left True, accelerate's scheduler

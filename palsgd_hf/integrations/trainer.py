@@ -50,6 +50,7 @@ from ..config import PALSGDConfig
 from ..core.algorithm import PALSGD, StepKind
 from ..core.optimizer import PALSGDOptimizer
 from . import checkpoint, faults
+from .accelerate import settle_skipped_inner_step
 from .schedules import schedule_peak_lr
 from .trainer_args import PALSGDTrainingArguments, check_trainer_options, check_training_args, check_world
 
@@ -233,8 +234,7 @@ class PALSGDTrainerMixin:
             # No gradients, and unscaling an fp16 GradScaler without a step would break the next real step.
             # A pseudo-sync step is never an overflow-skipped one: the LR scheduler must step.
             for opt in getattr(self.accelerator, "_optimizers", []):
-                if hasattr(opt, "_is_overflow"):
-                    opt._is_overflow = False
+                settle_skipped_inner_step(opt)
             return None
         return super()._get_grad_norm(model, grad_norm)
 

@@ -6,8 +6,15 @@ time. Importing this package imports trl; ``palsgd_hf`` itself exports these nam
 See docs/finetuning.md.
 """
 
-from .dpo import PALSGDDPOConfig, PALSGDDPOTrainer
-from .metrics import LocalTrlMetricsMixin
-from .sft import PALSGDSFTConfig, PALSGDSFTTrainer
+try:  # trl is an optional extra: this package is imported only by users of it (one check for every module)
+    import trl  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"palsgd_hf's trl integration needs trl ({err}); install it with `pip install 'palsgd_hf[trl]'`."
+    ) from err
+
+from .dpo import PALSGDDPOConfig, PALSGDDPOTrainer  # noqa: E402
+from .metrics import LocalTrlMetricsMixin  # noqa: E402
+from .sft import PALSGDSFTConfig, PALSGDSFTTrainer  # noqa: E402
 
 __all__ = ["LocalTrlMetricsMixin", "PALSGDDPOConfig", "PALSGDDPOTrainer", "PALSGDSFTConfig", "PALSGDSFTTrainer"]

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-try:  # trl is an optional extra: this module is imported only by users of it
-    from trl import DPOConfig, DPOTrainer
-except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        f"palsgd_hf's trl integration needs trl ({err}); install it with `pip install 'palsgd_hf[trl]'`."
-    ) from err
+from trl import DPOConfig, DPOTrainer  # the package's __init__ says which extra is missing
 
 from ..trainer import PALSGDTrainerMixin
 from ..trainer_args import PALSGDTrainingArguments
