@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/trl_lora_compare.py --out runs/trl_lora      # a few minutes on 2 CPU cores
 
-1. The base ("pretrained") checkpoint: a tiny Llama (palsgd_hf.integrations.trl.local_data) fully
+1. The base ("pretrained") checkpoint: a tiny Llama (palsgd_hf.lm.chat_data) fully
    fine-tuned on "plus" questions, one process, stock trl ``SFTTrainer``.
 2. For each method, ``torchrun`` runs this script with ``--worker`` on 2 processes: LoRA SFT on
    "minus" questions with ``PALSGDSFTTrainer`` (``palsgd_method="ddp"``, the DDP baseline through
@@ -48,7 +48,7 @@ def build_base(work: Path, steps: int) -> Path:
     from datasets import load_dataset
     from trl import SFTConfig, SFTTrainer
 
-    from palsgd_hf.integrations.trl.local_data import build_chat_checkpoint, write_chat_jsonl
+    from palsgd_hf.lm import build_chat_checkpoint, write_chat_jsonl
 
     base = work / "base"
     if (base / "done").exists():
@@ -119,7 +119,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work.mkdir(parents=True, exist_ok=True)
-    from palsgd_hf.integrations.trl.local_data import write_chat_jsonl
+    from palsgd_hf.lm import write_chat_jsonl
 
     build_base(work, args.base_steps)
     write_chat_jsonl(work / "minus_train.jsonl", 4000, seed=2, op="minus")

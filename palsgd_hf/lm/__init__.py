@@ -9,6 +9,8 @@ Not needed by the algorithm or the Trainer drop-in; it is what makes a run offli
 * ``build_lm_datasets()``: Hub or local text/json/csv data tokenized into fixed-length blocks.
 * ``build_causal_lm()``: a causal LM from a preset (``MODEL_PRESETS``: tiny GPT-Neo and friends),
   from scratch, or pretrained from a local directory or the Hub.
+* ``build_chat_checkpoint()`` / ``write_chat_jsonl()`` / ``write_preference_jsonl()``: a tiny local
+  "pretrained" Llama with a chat template, and chat / preference data, for SFT/DPO recipes and tests.
 
 All caches live under ``$PALSGD_HF_CACHE`` (default ``./.cache/palsgd_hf``).
 """
@@ -22,10 +24,15 @@ from .corpus import (
     verify_archive,
 )
 from .blocks import build_lm_datasets
+from .chat_data import CHAT_TEMPLATE, build_chat_checkpoint, write_chat_jsonl, write_preference_jsonl
 from .presets import MODEL_PRESETS, build_causal_lm
 from .tokenizer import ENDOFTEXT, load_tokenizer, train_bpe_tokenizer
 
 __all__ = [
+    "CHAT_TEMPLATE",
+    "build_chat_checkpoint",
+    "write_chat_jsonl",
+    "write_preference_jsonl",
     "ENDOFTEXT",
     "MODEL_PRESETS",
     "SHAKESPEARE_ARCHIVE_SHA256",

@@ -108,7 +108,7 @@ def test_combine_averages_micro_batches_and_sums_tokens_over_workers():
 def test_chat_data_is_reproducible_and_checks_its_operation(tmp_path):
     import json
 
-    from palsgd_hf.integrations.trl.local_data import write_chat_jsonl, write_preference_jsonl
+    from palsgd_hf.lm import write_chat_jsonl, write_preference_jsonl
 
     a = write_chat_jsonl(tmp_path / "a.jsonl", 5, seed=3, op="minus").read_text()
     assert a == write_chat_jsonl(tmp_path / "b.jsonl", 5, seed=3, op="minus").read_text()
