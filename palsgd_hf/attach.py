@@ -38,7 +38,13 @@ def build_algorithm(
     adapter=None,
     comm_timeout: Optional[timedelta] = None,
 ) -> PALSGD:
-    """The PALSGD state machine for this rank, wired to its process groups and backend adapter."""
+    """The PALSGD state machine for this rank, wired to its process groups and backend adapter.
+
+    ``comm_timeout`` (default: ``config.comm_timeout_seconds``, else the default group's) bounds every
+    collective of PALSGD's own process groups.
+    """
+    if comm_timeout is None:
+        comm_timeout = config.comm_timeout()
     if adapter is None and _is_deepspeed_engine(model):
         # ZeRO's groups come from the engine's mpu, and the adapter must be bound to the engine's step.
         from .adapters.deepspeed import attach  # lazy: deepspeed is an optional extra

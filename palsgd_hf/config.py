@@ -20,7 +20,9 @@ ddp        -                    none: every step is a synchronous step
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Optional
 
 METHODS = ("palsgd", "diloco", "localsgd", "ddp")
@@ -124,6 +126,15 @@ class PALSGDConfig:
         metadata={"help": "Where the anchor and outer-optimizer state live: 'auto' (beside the weights) "
                   "or 'cpu' (pinned host memory when a GPU is present)."},
     )
+    comm_timeout_seconds: Optional[float] = field(
+        default=None,
+        metadata={"help": "Timeout of every collective while training (PALSGD's syncs, DDP's warm-up all-reduce, "
+                  "the Trainer's own), in seconds: if a rank dies or hangs, the others fail with a clear error "
+                  "within it. Default: the Trainer's ddp_timeout (which transformers itself applies on GPUs only); "
+                  "in other loops, the process group's. Keep it above the longest legitimate wait between ranks "
+                  "(a checkpoint save, an evaluation on rank 0). Not a checkpointed setting: a resumed run may "
+                  "change it."},
+    )
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -170,6 +181,12 @@ class PALSGDConfig:
         _check_choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
         _check_choice("anchor_device", self.anchor_device, ANCHOR_DEVICES)
         _check_choice("coins", self.coins, COINS)
+        t = self.comm_timeout_seconds
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf):
+            raise PALSGDConfigError(
+                f"comm_timeout_seconds={t!r} must be a positive number of seconds (finite); use e.g. 600, or leave "
+                "it unset for the default (the Trainer's ddp_timeout)."
+            )
         if self.overlap_steps >= self.sync_interval and self.method != "ddp":
             raise PALSGDConfigError(
                 f"overlap_steps={self.overlap_steps} must be smaller than sync_interval={self.sync_interval}: "
@@ -180,6 +197,10 @@ class PALSGDConfig:
     def is_ddp(self) -> bool:
         """True when every step is a synchronous data-parallel step (method 'ddp')."""
         return self.method == "ddp"
+
+    def comm_timeout(self) -> Optional[timedelta]:
+        """``comm_timeout_seconds`` as a ``timedelta`` (None when unset: the caller's default applies)."""
+        return None if self.comm_timeout_seconds is None else timedelta(seconds=float(self.comm_timeout_seconds))
 
     def check_mixing_coefficient(self, lr: float) -> float:
         """Return c = lr*eta/p for a learning rate, or raise if it lies outside [0, 1].

@@ -291,7 +291,10 @@ def attach(engine, config, *, comm_timeout: Optional[timedelta] = None):
 
     The engine must have been built with ``mpu=replica_mpu(config.shard_size)`` (or, for a single
     replica, without an mpu); the same process groups feed PALSGD. Collective: every rank calls it.
+    ``comm_timeout`` defaults to ``config.comm_timeout_seconds``.
     """
+    if comm_timeout is None:
+        comm_timeout = config.comm_timeout()
     from ..core.algorithm import PALSGD
     from ..core.comm import LocalCommunicator
     from .deepspeed_groups import ReplicaMPU, confine_zero3_consistency_checks, replica_mpu
@@ -329,6 +332,8 @@ def initialize(*, model, config, ds_config: dict[str, Any], optimizer=None, comm
 
     from .deepspeed_groups import replica_sharding
 
+    if comm_timeout is None:
+        comm_timeout = config.comm_timeout()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed()
     with replica_sharding(config.shard_size, comm_timeout):

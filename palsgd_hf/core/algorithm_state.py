@@ -16,7 +16,9 @@ from .step_kinds import COUNTERS, StepKind
 if TYPE_CHECKING:
     from .algorithm import PALSGD
 
-# Settings a resumed run must share with the run that wrote the checkpoint.
+# Settings a resumed run must share with the run that wrote the checkpoint: they decide what the saved
+# state means (the coin stream, the sync schedule, whose partition a file holds). Run-time settings such as
+# comm_timeout_seconds are left out on purpose: resuming with a longer or shorter timeout is legitimate.
 MUST_MATCH = ("method", "sync_interval", "shard_size", "coins")
 
 

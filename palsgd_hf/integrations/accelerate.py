@@ -84,8 +84,9 @@ class PALSGDAccelerate:
         config: the algorithm's settings; ``None`` leaves the loop as it is (plain DDP).
         comm_timeout: timeout of every collective of the loop: PALSGD's own groups and the default
             group, which carries PALSGD's syncs when every rank is a worker and DDP's all-reduce
-            (default: the process group's, ``InitProcessGroupKwargs(timeout=...)``). A rank that
-            dies or hangs then makes the others fail within it instead of torch's 30 minutes.
+            (default: ``config.comm_timeout_seconds``; when that is unset too, the process group's,
+            ``InitProcessGroupKwargs(timeout=...)``). A rank that dies or hangs then makes the others
+            fail within it instead of torch's 30 minutes.
     """
 
     def __init__(self, accelerator, config: Optional[PALSGDConfig], *, comm_timeout: Optional[timedelta] = None):
@@ -95,6 +96,8 @@ class PALSGDAccelerate:
         _check_world(accelerator)
         self.accelerator = accelerator
         self.config = config
+        if comm_timeout is None and config is not None:
+            comm_timeout = config.comm_timeout()  # an explicit argument wins over the config's setting
         self.comm_timeout = comm_timeout
         self.algorithm: Optional[PALSGD] = None
         self.optimizer: Optional[PALSGDOptimizer] = None

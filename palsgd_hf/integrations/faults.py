@@ -3,7 +3,8 @@
 Three pieces the integrations share:
 
 * **One timeout for every collective of a run.** :func:`collective_timeout` reads it from the
-  arguments (``palsgd_comm_timeout_seconds``, else ``ddp_timeout``) and
+  arguments (``palsgd_comm_timeout_seconds``), else the config (``PALSGDConfig.comm_timeout_seconds``),
+  else ``ddp_timeout``, and
   :func:`apply_collective_timeout` sets it on the default process group too. That group carries
   PALSGD's syncs when every rank is its own worker, DDP's warm-up all-reduce and the Trainer's own
   collectives; without this, transformers leaves it at torch's 30-minute default on CPU (it passes
@@ -33,6 +34,8 @@ from typing import Any, Optional, Union
 
 import torch.distributed as dist
 
+from ..config import PALSGDConfig
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "trainer_state.json"  # written last, by rank 0, after every rank's files
@@ -45,9 +48,13 @@ _FAULT_RE = re.compile(
 
 
 # ---------------------------------------------------------------------------------------------- timeout
-def collective_timeout(args: Any) -> timedelta:
-    """The run's collective timeout: ``palsgd_comm_timeout_seconds`` if set, else ``ddp_timeout``."""
+def collective_timeout(args: Any, config: Optional[PALSGDConfig] = None) -> timedelta:
+    """The run's collective timeout, the first one set of: the arguments' ``palsgd_comm_timeout_seconds``,
+    the config's ``comm_timeout_seconds`` (plain ``TrainingArguments`` / trl configs with ``palsgd_config=``
+    have no such argument), ``ddp_timeout``."""
     seconds = getattr(args, "palsgd_comm_timeout_seconds", None)
+    if seconds is None and config is not None:
+        seconds = config.comm_timeout_seconds
     if seconds is None:
         seconds = getattr(args, "ddp_timeout", 1800)
     return timedelta(seconds=float(seconds))
@@ -99,8 +106,8 @@ def worker_fault_message(
         f"rank {rank} at step {step}: a collective with the other ranks failed ({first}){doing}. Either another rank "
         f"died or stopped answering, or every rank is alive but they waited in different collectives (one issued by "
         f"some ranks only; compare the step kinds in each rank's message) (collective timeout "
-        f"{timeout.total_seconds():.0f} s, set by palsgd_comm_timeout_seconds or ddp_timeout); see the first failing "
-        f"rank's log for the cause. {resume}."
+        f"{timeout.total_seconds():.0f} s, set by palsgd_comm_timeout_seconds / PALSGDConfig.comm_timeout_seconds or "
+        f"ddp_timeout); see the first failing rank's log for the cause. {resume}."
     )
 
 

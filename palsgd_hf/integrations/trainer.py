@@ -81,7 +81,7 @@ class PALSGDTrainerMixin:
                 raise
             message = faults.worker_fault_message(
                 err, rank=self.args.process_index, step=self.state.global_step,
-                timeout=faults.collective_timeout(self.args), output_dir=self.args.output_dir,
+                timeout=faults.collective_timeout(self.args, self.palsgd_config), output_dir=self.args.output_dir,
                 where=self.palsgd.describe_step() if self.palsgd is not None else None,
             )
             logger.error(message)
@@ -92,7 +92,7 @@ class PALSGDTrainerMixin:
             # A second train() call: hand the Trainer back the optimizer it created, as stock.
             self.optimizer = self.optimizer.optimizer
         # ---- reliability: one timeout for every collective (PALSGD's groups and the default group)
-        timeout = faults.collective_timeout(self.args)
+        timeout = faults.collective_timeout(self.args, self.palsgd_config)
         faults.apply_collective_timeout(timeout)
         if self.is_deepspeed_enabled:
             # ---- DeepSpeed ZeRO (palsgd_hf/adapters/deepspeed*.py): accelerate's deepspeed.initialize shards
@@ -343,7 +343,7 @@ def resolve_palsgd_config(args: Any, palsgd_config: Optional[PALSGDConfig]) -> P
         )
     if not isinstance(palsgd_config, PALSGDConfig):
         raise TypeError(f"palsgd_config must be a PALSGDConfig, got {type(palsgd_config).__name__}.")
-    check_trainer_options(args)
+    check_trainer_options(args, palsgd_config)
     check_training_args(palsgd_config, args)
     check_world(palsgd_config, args.world_size)
     return palsgd_config

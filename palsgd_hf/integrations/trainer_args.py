@@ -2,9 +2,10 @@
 
 Every :class:`~palsgd_hf.config.PALSGDConfig` field ``x`` has a twin ``palsgd_x`` here, with the
 same default and help text (both read from ``PALSGDConfig``, so the two cannot drift apart), so
-``HfArgumentParser`` and the command line see ``--palsgd_sync_interval 32`` and so on. Two
-Trainer-only settings follow: ``palsgd_eval_on`` (evaluate the global model or each worker's
-local one) and ``palsgd_comm_timeout_seconds``.
+``HfArgumentParser`` and the command line see ``--palsgd_sync_interval 32`` and so on. One
+Trainer-only setting follows: ``palsgd_eval_on`` (evaluate the global model or each worker's
+local one). ``palsgd_comm_timeout_seconds`` is the twin of ``PALSGDConfig.comm_timeout_seconds``;
+unset, the collective timeout is ``ddp_timeout``.
 
 Validation happens in ``__post_init__``, before any training work: the PALSGD values themselves
 (errors re-worded to name the ``palsgd_`` field), then their contradictions with the rest of the
@@ -85,17 +86,11 @@ class PALSGDTrainingArguments(TrainingArguments):
             "choices": list(EVAL_ON),
         },
     )
-    palsgd_comm_timeout_seconds: Optional[float] = field(
-        default=None,
-        metadata={"help": "Timeout of every collective while training (PALSGD's syncs, DDP's warm-up all-reduce, the "
-                  "Trainer's own), in seconds: if a rank dies or hangs, the others fail with a clear error within it. "
-                  "Default: ddp_timeout (which transformers itself applies on GPUs only). Keep it above the longest "
-                  "legitimate wait between ranks (a checkpoint save, an evaluation on rank 0)."},
-    )
+    palsgd_comm_timeout_seconds: Optional[float] = _twin("comm_timeout_seconds")
 
     def __post_init__(self) -> None:
         config = self.palsgd_config()  # the PALSGD values alone first: cheapest, clearest errors
-        check_trainer_options(self)
+        check_trainer_options(self, config)
         check_training_args(config, self)
         super().__post_init__()  # initializes the distributed state, so the world size is known below
         check_world(config, self.world_size)
@@ -118,24 +113,26 @@ def prefixed(message: str) -> str:
     return message
 
 
-def check_trainer_options(args: Any) -> None:
-    """The Trainer-only PALSGD options (``palsgd_eval_on``, ``palsgd_comm_timeout_seconds``)."""
+def check_trainer_options(args: Any, config: Optional[PALSGDConfig] = None) -> None:
+    """The Trainer-only option ``palsgd_eval_on``, and the ``ddp_timeout`` that stands in for an unset timeout.
+
+    The collective timeout itself (``palsgd_comm_timeout_seconds`` = ``PALSGDConfig.comm_timeout_seconds``) is
+    checked by ``PALSGDConfig``.
+    """
     eval_on = getattr(args, "palsgd_eval_on", "global")
     if eval_on not in EVAL_ON:
         raise PALSGDConfigError(f"palsgd_eval_on={eval_on!r} is not one of {EVAL_ON}; pick one of them.")
-    timeout = getattr(args, "palsgd_comm_timeout_seconds", None)
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise PALSGDConfigError(
-            f"palsgd_comm_timeout_seconds={timeout!r} must be a positive number of seconds; leave it unset for "
-            "ddp_timeout."
-        )
-    # ---- reliability: ddp_timeout is the collective timeout when palsgd_comm_timeout_seconds is unset
+    # ---- reliability: ddp_timeout is the collective timeout when neither the arguments nor the config set one
+    timeout_set = getattr(args, "palsgd_comm_timeout_seconds", None) is not None or (
+        config is not None and config.comm_timeout_seconds is not None
+    )
     ddp_timeout = getattr(args, "ddp_timeout", 1800)
     bad_ddp_timeout = isinstance(ddp_timeout, bool) or not isinstance(ddp_timeout, (int, float)) or ddp_timeout <= 0
-    if timeout is None and bad_ddp_timeout:
+    if not timeout_set and bad_ddp_timeout:
         raise PALSGDConfigError(
             f"ddp_timeout={ddp_timeout!r} must be a positive number of seconds: it is the timeout of every collective "
-            "(PALSGD's syncs too) when palsgd_comm_timeout_seconds is unset; use e.g. 600, or leave the default 1800."
+            "(PALSGD's syncs too) when palsgd_comm_timeout_seconds (PALSGDConfig.comm_timeout_seconds) is unset; use "
+            "e.g. 600, or leave the default 1800."
         )
 
 

@@ -180,6 +180,7 @@ def test_resume_between_syncs_continues_the_same_trajectory(uninterrupted, tmp_p
 
 # The accumulation runs train with SGD (see tests/helpers/bounds.py for why not AdamW).
 GA_STEPS, GA_LR = 24, 0.1
+MIXIN_TIMEOUT = 123.0  # seconds; distinct from ddp_timeout's 1800 and torch's 30-minute default
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +190,10 @@ def accumulation_runs(tmp_path_factory):
               "--optim", "sgd", "--lr", str(GA_LR)]
     out = tmp_path_factory.mktemp("accumulation")
     two = launch(out / "ga2", *common, "--ga", "2", "--bs", "2", "--eval-on", "local")
-    # The larger-batch run goes through the mixin form: plain TrainingArguments + palsgd_config=.
-    one = launch(out / "ga1", *common, "--ga", "1", "--bs", "4", "--regroup-from-ga", "2", "--mixin")
+    # The larger-batch run goes through the mixin form: plain TrainingArguments + palsgd_config=, with the
+    # collective timeout set on the config (plain TrainingArguments have no palsgd_comm_timeout_seconds).
+    one = launch(out / "ga1", *common, "--ga", "1", "--bs", "4", "--regroup-from-ga", "2", "--mixin",
+                 "--comm-timeout", str(MIXIN_TIMEOUT))
     return two, one
 
 
@@ -208,6 +211,17 @@ def test_gradient_accumulation_matches_a_larger_batch(accumulation_runs):
             distance = l2(two_t[rank][key], one_t[rank][key])
             assert distance <= bound, f"rank {rank} {key}: {distance} > {bound} (weights travelled {travelled})"
     assert "gradient" in kinds(two[0]) and "pseudo_sync" in kinds(two[0])
+
+
+def test_collective_timeout_comes_from_the_config_or_ddp_timeout(accumulation_runs):
+    (two, _), (one, _) = accumulation_runs
+    for rank in range(2):
+        # PALSGDConfig(comm_timeout_seconds=...) with plain TrainingArguments: on the default group (DDP's
+        # warm-up all-reduce, the Trainer's gathers) and on PALSGD's own peer group, as read back from gloo.
+        assert one[rank]["timeouts"] == {"default": MIXIN_TIMEOUT, "peers": MIXIN_TIMEOUT,
+                                         "peers_communicator": MIXIN_TIMEOUT}
+        # Unset (PALSGDTrainingArguments without palsgd_comm_timeout_seconds): ddp_timeout's default.
+        assert two[rank]["timeouts"] == {"default": 1800.0, "peers": 1800.0, "peers_communicator": 1800.0}
 
 
 def test_eval_on_local_scores_each_workers_own_model(accumulation_runs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from palsgd_hf import PALSGDConfigError
 from palsgd_hf.integrations import faults as reliability
 from tests.reliability.runs import launch, losses
 
@@ -108,3 +109,28 @@ def test_one_setting_is_the_timeout_of_every_collective(tmp_path):
     assert reliability.collective_timeout(args()).total_seconds() == 1800  # ddp_timeout's default
     assert reliability.collective_timeout(args(ddp_timeout=120)).total_seconds() == 120
     assert reliability.collective_timeout(args(ddp_timeout=120, palsgd_comm_timeout_seconds=7.5)).total_seconds() == 7.5
+    # The argument is the config's field (one value, not two to keep in step).
+    assert args(palsgd_comm_timeout_seconds=7.5).palsgd_config().comm_timeout_seconds == 7.5
+
+
+def test_plain_training_arguments_take_the_timeout_from_the_config(tmp_path):
+    # trl's SFTConfig and plain TrainingArguments have no palsgd_comm_timeout_seconds: the config carries it.
+    from transformers import TrainingArguments
+
+    from palsgd_hf import PALSGDConfig
+    from palsgd_hf.integrations.trainer import resolve_palsgd_config
+
+    def args(**kw):
+        return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kw)
+
+    cfg = PALSGDConfig(comm_timeout_seconds=45)
+    assert reliability.collective_timeout(args(ddp_timeout=120), cfg).total_seconds() == 45
+    assert reliability.collective_timeout(args(ddp_timeout=120), PALSGDConfig()).total_seconds() == 120
+    # An explicit argument wins over the config's field (duck-typed arguments that carry one).
+    with_field = args(ddp_timeout=120)
+    with_field.palsgd_comm_timeout_seconds = 7.5
+    assert reliability.collective_timeout(with_field, cfg).total_seconds() == 7.5
+    # ddp_timeout stands in only for an unset timeout: a bad one is refused then, ignored when the config sets one.
+    assert resolve_palsgd_config(args(ddp_timeout=0), cfg) is cfg
+    with pytest.raises(PALSGDConfigError, match="ddp_timeout=0 must be a positive number of seconds"):
+        resolve_palsgd_config(args(ddp_timeout=0), PALSGDConfig())

@@ -96,3 +96,13 @@ def test_a_grad_scaler_unscaled_on_a_pseudo_sync_step_does_not_break_the_next_st
     kinds = [step(accelerator, model, hooks, optimizer, sched, clip=True) for _ in range(16)]
     # Reaching here means no "unscale_() has already been called on this optimizer since the last update()".
     assert StepKind.PSEUDO_SYNC in kinds and StepKind.GRADIENT in kinds[kinds.index(StepKind.PSEUDO_SYNC):]
+
+
+def test_the_config_timeout_is_the_default_of_comm_timeout(accelerator):
+    from datetime import timedelta
+
+    assert PALSGDAccelerate(accelerator, PALSGDConfig(comm_timeout_seconds=45)).comm_timeout == timedelta(seconds=45)
+    explicit = PALSGDAccelerate(accelerator, PALSGDConfig(comm_timeout_seconds=45), comm_timeout=timedelta(seconds=9))
+    assert explicit.comm_timeout == timedelta(seconds=9)  # an explicit argument wins
+    assert PALSGDAccelerate(accelerator, PALSGDConfig()).comm_timeout is None  # the process group's own
+    assert PALSGDAccelerate(accelerator, None).comm_timeout is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from palsgd_hf import PALSGDConfig, PALSGDConfigError
@@ -41,6 +43,12 @@ BAD = [
     (dict(comm_dtype="fp8"), "comm_dtype='fp8' is not one of"),
     (dict(anchor_device="disk"), "anchor_device='disk' is not one of"),
     (dict(seed=-3), "seed=-3 must be an integer >= 0"),
+    (dict(comm_timeout_seconds=0), "comm_timeout_seconds=0 must be a positive number of seconds"),
+    (dict(comm_timeout_seconds=-5.0), "comm_timeout_seconds=-5.0 must be a positive number of seconds"),
+    (dict(comm_timeout_seconds=True), "comm_timeout_seconds=True must be a positive number of seconds"),
+    (dict(comm_timeout_seconds="60"), "comm_timeout_seconds='60' must be a positive number of seconds"),
+    (dict(comm_timeout_seconds=float("inf")), "comm_timeout_seconds=inf must be a positive number of seconds"),
+    (dict(comm_timeout_seconds=float("nan")), "comm_timeout_seconds=nan must be a positive number of seconds"),
 ]
 
 
@@ -50,6 +58,12 @@ def test_bad_values_are_refused_with_a_clear_message(kwargs, message):
         PALSGDConfig(**kwargs)
     assert message in str(err.value)
     assert ";" in str(err.value)  # every message carries a fix after the rule
+
+
+def test_comm_timeout_is_optional_and_converts_to_a_timedelta():
+    assert PALSGDConfig().comm_timeout_seconds is None and PALSGDConfig().comm_timeout() is None
+    assert PALSGDConfig(comm_timeout_seconds=90).comm_timeout() == timedelta(seconds=90)
+    assert PALSGDConfig(comm_timeout_seconds=7.5).comm_timeout() == timedelta(seconds=7.5)
 
 
 def test_mixing_coefficient():

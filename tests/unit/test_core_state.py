@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
@@ -10,6 +11,7 @@ import torch
 
 from palsgd_hf import PALSGD, PALSGDConfig, PALSGDConfigError, PALSGDOptimizer, StepKind
 from palsgd_hf.adapters import ModuleAdapter
+from palsgd_hf.core.comm import LocalCommunicator
 from tests.helpers.threads import run_threads
 
 
@@ -67,6 +69,20 @@ def test_resume_between_syncs_continues_exactly():
     for (w1, m1), (w2, m2) in zip(run_threads(2, straight), run_threads(2, interrupted)):
         assert torch.equal(w1, w2)
         assert m1 == m2
+
+
+def test_resume_may_change_the_collective_timeout_but_not_the_sync_interval():
+    saved_cfg = PALSGDConfig(sync_interval=5, warmup_steps=2, comm_timeout_seconds=30)
+    model, _, opt = make(0, LocalCommunicator(), saved_cfg)
+    train(model, opt, 0, 0, 3)
+    state = roundtrip(opt.algorithm.state_dict())
+    assert state["config"]["comm_timeout_seconds"] == 30
+    _, _, resumed = make(0, LocalCommunicator(), dataclasses.replace(saved_cfg, comm_timeout_seconds=600))
+    resumed.algorithm.load_state_dict(state)  # a run-time setting: a resumed run may choose another timeout
+    assert resumed.algorithm.step == 3
+    _, _, other = make(0, LocalCommunicator(), dataclasses.replace(saved_cfg, sync_interval=6))
+    with pytest.raises(ValueError, match="written with sync_interval=5 but this run has sync_interval=6"):
+        other.algorithm.load_state_dict(state)
 
 
 def test_nonfinite_pseudo_gradient_skips_the_outer_update():

@@ -44,7 +44,7 @@ def test_hf_argument_parser_round_trip(tmp_path):
     (args,) = parser.parse_args_into_dataclasses(args=cli)
     assert args.palsgd_config() == PALSGDConfig(
         sync_interval=16, pseudo_sync_prob=0.1, mixing_rate=0.5, warmup_steps=8, outer_optimizer="adam",
-        outer_lr=0.3, outer_momentum=0.8, seed=7, comm_dtype="bf16",
+        outer_lr=0.3, outer_momentum=0.8, seed=7, comm_dtype="bf16", comm_timeout_seconds=60,
     )
     assert (args.palsgd_eval_on, args.palsgd_comm_timeout_seconds) == ("local", 60.0)
     (again,) = parser.parse_dict(args.to_dict())

@@ -53,6 +53,8 @@ def parse() -> argparse.Namespace:
                     help="reorder the data: each rank's batch of bs = what it reads as this many micro-batches")
     ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (autocast)")
     ap.add_argument("--mixin", action="store_true", help="PALSGDTrainerMixin + plain TrainingArguments")
+    ap.add_argument("--comm-timeout", type=float, default=None,
+                    help="PALSGDConfig.comm_timeout_seconds (--mixin), else palsgd_comm_timeout_seconds")
     return ap.parse_args()
 
 
@@ -155,6 +157,12 @@ class RecordingMixinTrainer(RecordingMixin, PALSGDTrainerMixin, Trainer):
     micro_batches: list
 
 
+def gloo_timeout(group) -> float:
+    """The timeout in force on a process group's gloo backend (None = the default group), in seconds."""
+    group = group if group is not None else dist.distributed_c10d._get_default_group()
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
 def main() -> None:
     args = parse()
     out = Path(args.out)
@@ -167,7 +175,8 @@ def main() -> None:
         train_sampling_strategy="sequential" if args.sequential else "random",
         use_cpu=True, dataloader_num_workers=0, disable_tqdm=True, bf16=args.bf16,
     )
-    palsgd = dict(sync_interval=args.H, pseudo_sync_prob=args.p, warmup_steps=args.warmup, mixing_rate=1.0)
+    palsgd = dict(sync_interval=args.H, pseudo_sync_prob=args.p, warmup_steps=args.warmup, mixing_rate=1.0,
+                  comm_timeout_seconds=args.comm_timeout)
     if args.mixin:
         training_args = TrainingArguments(**common)
         extra = {"palsgd_config": PALSGDConfig(**palsgd)}
@@ -216,6 +225,8 @@ def main() -> None:
         "log_history": trainer.state.log_history, "train_metrics": result.metrics, "metrics": trainer.palsgd.metrics(),
         "saved_max_diff": saved_diff, "saved_missing": missing, "post_eval": post_eval,
         "numel": final.numel(), "global_step": trainer.state.global_step,
+        "timeouts": {"default": gloo_timeout(None), "peers": gloo_timeout(trainer.palsgd.peers.group),
+                     "peers_communicator": trainer.palsgd.peers.timeout.total_seconds()},
     }))
     dist.barrier()
     dist.destroy_process_group()
