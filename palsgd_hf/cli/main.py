@@ -5,6 +5,7 @@
     palsgd-hf train RECIPE --dry-run              # validate and print the launch command only
     palsgd-hf check RECIPE [RECIPE ...]           # validate recipes (keys, types, PALSGD, launch)
     palsgd-hf bench ...                           # time-to-quality benchmark (benchmarks/bench.py)
+    palsgd-hf chat-example [DIR]                  # a small local chat checkpoint + data for recipes/sft/
 
 RECIPE is a YAML path, ``hub:ORG/REPO/path.yaml[@revision]`` or ``builtin:NAME``; see docs/cli.md.
 Mistakes in what the user typed (a recipe key, a value, a launch that would run one process) end
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from . import demo, run
+from . import chat_example, demo, run
 from .errors import report_user_errors
 from .launch import build_command, check_hardware, format_command, in_launched_process, launch_env
 from .preflight import check_sources
@@ -45,7 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return demo.main(rest)
     if command == "bench":
         return _bench(rest)
-    print(f"palsgd-hf: error: unknown command {command!r}; one of train, check, demo, bench.\n{USAGE}", file=sys.stderr)
+    if command == "chat-example":
+        return chat_example.main(rest)
+    print(f"palsgd-hf: error: unknown command {command!r}; one of train, check, demo, bench, chat-example.\n{USAGE}",
+          file=sys.stderr)
     return 2
 
 
@@ -65,7 +69,7 @@ def _bench(argv: list[str]) -> int:
 
 def _train(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
-        print(f"palsgd-hf train: error: give a recipe first: palsgd-hf train RECIPE [--key value ...]", file=sys.stderr)
+        print("palsgd-hf train: error: give a recipe first: palsgd-hf train RECIPE [--key value ...]", file=sys.stderr)
         return 2
     dry_run = "--dry-run" in argv
     entry_args = [a for a in argv if a != "--dry-run"]

@@ -12,10 +12,15 @@ validation alone (``palsgd-hf check``) does not, since a recipe may be meant for
   it and reports what the Hub says.
 
 The built-in tokenizer ``bpe-shakespeare-<N>`` is built on demand and only checked for its form.
+
+Local JSON / JSON-lines data files are also read up to their first row, which must hold what the
+trainer reads: a string in ``text_column`` for ``causal_lm`` (chat rows there mean ``trainer: sft``),
+``messages`` / ``text`` / ``prompt`` + ``completion`` for ``sft``, ``chosen`` + ``rejected`` for ``dpo``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -35,6 +40,48 @@ def check_sources(recipe) -> None:
         problem = missing_source(key, name, kind)
         if problem is not None:
             raise RecipeError(f"recipe {recipe.source}: {problem}")
+    for path in (spec.train_files or []) + (spec.validation_files or []):
+        problem = wrong_rows(path, spec.trainer, spec.text_column)
+        if problem is not None:
+            raise RecipeError(f"recipe {recipe.source}: {problem}")
+
+
+# What each trainer reads from a row: any one of these groups of columns.
+ROW_COLUMNS = {"sft": (("messages",), ("text",), ("prompt", "completion")), "dpo": (("chosen", "rejected"),)}
+
+
+def wrong_rows(path: str, trainer: str, text_column: str = "text") -> Optional[str]:
+    """Why the first row of a local JSON/JSON-lines file does not fit ``trainer``; None if it does (or not JSON)."""
+    row = _first_row(Path(path))
+    if row is None:
+        return None
+    if trainer == "causal_lm":
+        value = row.get(text_column)
+        if isinstance(value, str):
+            return None
+        if value is None:
+            return f"{path}: its rows have no {text_column!r} column (they have {sorted(row)}); set text_column."
+        chat = " (chat data: use trainer: sft)" if isinstance(value, list) else ""
+        return f"{path}: text_column={text_column!r} holds {type(value).__name__}, not text{chat}."
+    groups = ROW_COLUMNS[trainer]
+    if any(all(c in row for c in group) for group in groups):
+        return None
+    wanted = " or ".join("+".join(group) for group in groups)
+    return f"{path}: trainer: {trainer} reads rows with {wanted}; its first row has {sorted(row)}."
+
+
+def _first_row(path: Path) -> Optional[dict]:
+    if path.suffix.lower() not in (".json", ".jsonl") or not path.is_file():
+        return None
+    with path.open() as f:
+        head = f.readline().strip()
+    try:
+        row = json.loads(head)
+    except ValueError:
+        return None  # a JSON document over several lines (a list of rows): datasets will read it
+    if isinstance(row, list):
+        row = row[0] if row else None
+    return row if isinstance(row, dict) else None
 
 
 def missing_source(key: str, name: Optional[str], repo_type: str = "model") -> Optional[str]:

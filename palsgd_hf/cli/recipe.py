@@ -3,14 +3,23 @@
 A recipe names everything a run needs, at the top level::
 
     description: tiny GPT-Neo on Shakespeare, PALSGD         # free text
-    model_preset: tiny          # or  model: EleutherAI/gpt-neo-125M  (Hub name or local dir)
+    trainer: causal_lm          # or sft / dpo: trl's trainers on chat / preference data (the [trl] extra)
+    model_preset: tiny          # or  model: EleutherAI/gpt-neo-125M  (Hub name or local dir) + dtype, ...
     model_config: {num_layers: 2}                            # config overrides (optional)
+    peft: {r: 16, target_modules: all-linear}                # LoRA (optional; peft.LoraConfig's arguments)
     tokenizer: bpe-shakespeare-2048                          # Hub name, local dir, or the built-in BPE
     dataset: shakespeare        # or dataset_name/dataset_config (Hub), or train_files/validation_files
     block_size: 128
-    learning_rate: 3.0e-3       # ...any TrainingArguments field...
-    palsgd_method: palsgd       # ...and any palsgd_* field of PALSGDTrainingArguments
+    learning_rate: 3.0e-3       # ...any field of the trainer's arguments class (TrainingArguments, SFTConfig...)
+    palsgd_method: palsgd       # ...including the palsgd_* settings
     launch: {num_processes: 2, launcher: torchrun}          # or launcher: accelerate + accelerate_config
+
+The keys are those of :class:`~palsgd_hf.cli.recipe_spec.RecipeSpec` and of the trainer's arguments
+class (:func:`~palsgd_hf.cli.recipe_spec.arguments_class`), parsed with one ``HfArgumentParser``
+over both, as ``--key value`` arguments: each value is typed and checked exactly as on that
+trainer's command line (``1e-3`` is a float, ``true`` a boolean, a choice must be one of its
+choices). ``--key value`` overrides are read as YAML scalars and merged into the recipe first
+(``--launch.num_processes 4``, ``--model_config.num_layers 3``, ``--peft.r 8`` set one key of a mapping).
 
 Sources: a local path; ``hub:ORG/REPO/path/in/repo.yaml[@revision]`` (fetched with
 ``huggingface_hub.hf_hub_download``, so HF_HUB_OFFLINE and the local cache work as for models);
@@ -21,79 +30,39 @@ deepspeed) are tried against the working directory first, then the recipe's own 
 Hub recipe, the file is fetched from the same repo and revision.
 
 Every key is checked before anything runs: unknown keys are errors (with the closest known name),
-values are checked against their field's type (``--key value`` overrides are parsed as YAML first,
-so ``--learning_rate 1e-3`` is a float), the data/model/launch choices must be consistent, and the
-TrainingArguments + PALSGD settings are validated by constructing ``PALSGDTrainingArguments``.
+values are typed as above, the data/model/launch choices must be consistent, the LoRA settings
+build a ``peft.LoraConfig``, and the arguments are validated by constructing the arguments class.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import enum
 import logging
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import yaml
 
 from ..config import PALSGDConfigError
 from ..devices import cpu_only
-from ..integrations.trainer_args import PALSGDTrainingArguments
 from ..lm import MODEL_PRESETS
 from .launch import check_accelerate_config
 from .recipe_source import BUILTIN_DIR, RecipeError  # noqa: F401 (both part of this module's API)
 from .recipe_source import Locator as _Locator
+from .recipe_parse import init_fields, parse_section, parse_values, suggest
+from .recipe_spec import (
+    CAUSAL_LM_ONLY, DATASETS, SECTIONS, TRAINERS, LaunchSpec, RecipeSpec, arguments_class, data_loader,
+)
 
 logger = logging.getLogger(__name__)
-
-DATASETS = ("shakespeare",)
-LAUNCHERS = ("torchrun", "accelerate")
-# TrainingArguments fields a recipe may not set: the recipe's own keys say these things.
-_RESERVED = {"local_rank": "the launcher sets the rank"}
-
-
-@dataclass
-class LaunchSpec:
-    """How ``palsgd-hf train`` starts the processes of one node."""
-
-    num_processes: int = field(default=2, metadata={"help": "Processes (workers) on this node."})
-    launcher: str = field(default="torchrun", metadata={"help": f"One of {LAUNCHERS}."})
-    accelerate_config: Optional[str] = field(
-        default=None, metadata={"help": "An `accelerate config` YAML (launcher: accelerate only)."}
-    )
-
-
-@dataclass
-class RecipeSpec:
-    """The recipe keys that are not TrainingArguments fields."""
-
-    description: str = ""
-    model: Optional[str] = field(default=None, metadata={"help": "Pretrained model: Hub name or local dir."})
-    model_preset: Optional[str] = field(default=None, metadata={"help": "palsgd_hf.lm model preset built from scratch."})
-    model_config: Optional[dict] = field(default=None, metadata={"help": "Model config overrides."})
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "Hub name, local dir or bpe-shakespeare-<N>."})
-    dataset: Optional[str] = field(default=None, metadata={"help": f"An embedded corpus: one of {DATASETS}."})
-    dataset_name: Optional[str] = None
-    dataset_config: Optional[str] = None
-    train_files: Optional[list[str]] = None
-    validation_files: Optional[list[str]] = None
-    text_column: str = "text"
-    block_size: int = 128
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
-    validation_split_percentage: int = 5
-    save_final_model: bool = field(default=True, metadata={"help": "trainer.save_model() (the global model) at the end."})
 
 
 @dataclass
 class Recipe:
-    """A validated recipe: its source, its own keys, the launch section and the Trainer arguments."""
+    """A validated recipe: its source, its own keys, the launch section and the trainer's arguments."""
 
     source: str
     path: Path
@@ -101,14 +70,24 @@ class Recipe:
     launch: LaunchSpec
     training: dict[str, Any]
 
+    @property
+    def arguments_class(self):
+        return arguments_class(self.spec.trainer)
+
     def training_arguments(self, **changes: Any):
-        """``PALSGDTrainingArguments`` for this recipe (call inside the launched processes)."""
+        """The trainer's arguments (``PALSGDTrainingArguments``, ``PALSGDSFTConfig``...) for this recipe."""
         values = {**self.training, **changes}
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and cpu_only() and "use_cpu" not in values:
             # Without use_cpu the Trainer's accelerate state on a GPU-less machine is single-process in
             # every rank: N independent runs instead of one data-parallel job.
             values["use_cpu"] = True
-        return PALSGDTrainingArguments(**values)
+        if self.spec.trainer != "causal_lm" and self.spec.model is not None:
+            values["model_init_kwargs"] = self.spec.model_kwargs()  # trl loads the model by name with these
+        return self.arguments_class(**values)
+
+    def lora_config(self):
+        """``peft.LoraConfig`` of the recipe's ``peft:`` mapping, or None."""
+        return None if self.spec.peft is None else _lora_config(self.source, self.spec.peft)
 
     def to_dict(self) -> dict[str, Any]:
         spec = {k: v for k, v in dataclasses.asdict(self.spec).items() if v is not None}
@@ -157,9 +136,9 @@ def _merge(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = dict(raw)
     for key, value in overrides.items():
         head, dot, rest = key.partition(".")
-        if dot:  # launch.num_processes, model_config.num_layers
-            if head not in ("launch", "model_config"):
-                raise RecipeError(f"override --{key}: only launch.* and model_config.* take dotted keys.")
+        if dot:  # launch.num_processes, model_config.num_layers, peft.r
+            if head not in SECTIONS:
+                raise RecipeError(f"override --{key}: only {', '.join(s + '.*' for s in SECTIONS)} take dotted keys.")
             section = dict(merged.get(head) or {})
             section[rest] = value
             merged[head] = section
@@ -170,35 +149,23 @@ def _merge(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- checking
 def _build(source: str, locator: _Locator, raw: dict[str, Any]) -> Recipe:
-    spec_fields, launch_fields = _fields(RecipeSpec), _fields(LaunchSpec)
-    training_fields = _training_fields()
-    known = set(spec_fields) | set(training_fields) | {"launch"}
-    spec_kw, training = {}, {}
-    for key, value in raw.items():
-        if not isinstance(key, str) or key not in known or key in _RESERVED:
-            why = f" ({_RESERVED[key]})" if key in _RESERVED else ""
-            raise RecipeError(f"recipe {source}: unknown key {key!r}{why}.{_suggest(key, known)}")
-        if key == "launch":
-            continue
-        if key in spec_fields:
-            if key in ("train_files", "validation_files") and isinstance(value, str):
-                value = [value]  # one file needs no list brackets
-            spec_kw[key] = coerce(key, value, spec_fields[key])
-        elif key == "resume_from_checkpoint" and isinstance(value, bool):
-            # `--resume_from_checkpoint true`: the last complete checkpoint in output_dir (reliability.py)
-            training[key] = "true" if value else None
-        else:
-            training[key] = coerce(key, value, training_fields[key])
-    launch_raw = raw.get("launch") or {}
-    if not isinstance(launch_raw, dict):
-        raise RecipeError(f"recipe {source}: launch must be a mapping (num_processes, launcher, accelerate_config).")
-    launch_kw = {}
-    for key, value in launch_raw.items():
-        if key not in launch_fields:
-            raise RecipeError(f"recipe {source}: unknown key 'launch.{key}'.{_suggest(key, launch_fields)}")
-        launch_kw[key] = coerce(f"launch.{key}", value, launch_fields[key])
-    spec, launch = RecipeSpec(**spec_kw), LaunchSpec(**launch_kw)
-    _check_spec(source, spec, locator)
+    trainer = raw.get("trainer", "causal_lm")
+    if trainer not in TRAINERS:
+        raise RecipeError(f"recipe {source}: trainer={trainer!r} is not one of {TRAINERS}.")
+    args_class = arguments_class(trainer)
+    flat = {k: v for k, v in raw.items() if k != "launch"}
+    for key in ("train_files", "validation_files"):
+        if isinstance(flat.get(key), str):
+            flat[key] = [flat[key]]  # one file needs no list brackets
+    if isinstance(flat.get("resume_from_checkpoint"), bool):
+        # `--resume_from_checkpoint true`: the last complete checkpoint in output_dir (integrations/faults.py)
+        flat["resume_from_checkpoint"] = "true" if flat["resume_from_checkpoint"] else None
+    values = parse_values(source, flat, RecipeSpec, args_class)
+    spec_fields = init_fields(RecipeSpec)
+    spec = RecipeSpec(**{k: v for k, v in values.items() if k in spec_fields})
+    training = {k: v for k, v in values.items() if k not in spec_fields or k in init_fields(args_class)}
+    launch = parse_section(source, "launch", LaunchSpec, raw.get("launch"))
+    _check_spec(source, spec, locator, given=set(flat))
     _check_launch(source, launch, locator, training)
     if training.get("deepspeed") is not None and isinstance(training["deepspeed"], str):
         training["deepspeed"] = locator.resolve("deepspeed", training["deepspeed"])
@@ -206,11 +173,19 @@ def _build(source: str, locator: _Locator, raw: dict[str, Any]) -> Recipe:
     return Recipe(source=source, path=locator.path, spec=spec, launch=launch, training=training)
 
 
-def _check_spec(source: str, spec: RecipeSpec, locator: _Locator) -> None:
+def _check_spec(source: str, spec: RecipeSpec, locator: _Locator, given: set[str]) -> None:
     if spec.model is not None and spec.model_preset is not None:
         raise RecipeError(f"recipe {source}: model={spec.model!r} and model_preset={spec.model_preset!r}: set one.")
+    if spec.trainer != "causal_lm":
+        _check_trl_spec(source, spec, given)
+    for key in ("dtype", "attn_implementation"):
+        if getattr(spec, key) is not None and spec.model is None:
+            raise RecipeError(f"recipe {source}: {key} applies to a pretrained model (model: <Hub name or dir>); "
+                              "a model_preset is built in float32 with the default attention.")
     if spec.model is None and spec.model_preset is None:
         spec.model_preset = "tiny"
+    if spec.peft is not None:
+        _lora_config(source, spec.peft)
     if spec.model_preset is not None and spec.model_preset not in MODEL_PRESETS:
         raise RecipeError(
             f"recipe {source}: model_preset={spec.model_preset!r} is not one of {sorted(MODEL_PRESETS)}; "
@@ -238,17 +213,53 @@ def _check_spec(source: str, spec: RecipeSpec, locator: _Locator) -> None:
             if not files:
                 raise RecipeError(f"recipe {source}: {key} is empty; list at least one file.")
             setattr(spec, key, [locator.resolve(key, f) for f in files])
+    if spec.trainer != "causal_lm" and spec.train_files is not None:
+        try:
+            data_loader(spec.train_files + (spec.validation_files or []))  # trl's rows are read by suffix
+        except RecipeError as err:
+            raise RecipeError(f"recipe {source}: {err}") from None
     for key, minimum in (("block_size", 2), ("max_train_samples", 1), ("max_eval_samples", 1)):
         value = getattr(spec, key)
         if value is not None and value < minimum:
             raise RecipeError(f"recipe {source}: {key}={value} must be >= {minimum}.")
 
 
+def _check_trl_spec(source: str, spec: RecipeSpec, given: set[str]) -> None:
+    """trl's trainers fine-tune a pretrained model on rows they tokenize themselves (chat, preferences)."""
+    for key, why in CAUSAL_LM_ONLY.items():
+        if key in given:
+            raise RecipeError(f"recipe {source}: {key} applies to trainer: causal_lm only ({why}); drop it for "
+                              f"trainer: {spec.trainer}.")
+    if spec.model is None:
+        raise RecipeError(f"recipe {source}: trainer: {spec.trainer} fine-tunes a pretrained model; set model: <Hub "
+                          "name or local dir> (palsgd-hf chat-example DIR builds a small local one).")
+    if spec.train_files is None and spec.dataset_name is None:
+        rows = "messages (chat) or text" if spec.trainer == "sft" else "prompt, chosen and rejected"
+        raise RecipeError(f"recipe {source}: trainer: {spec.trainer} needs data with {rows}: set train_files: "
+                          "[data.jsonl] (JSON lines, also .json/.parquet/.csv) or dataset_name: <Hub dataset>.")
+
+
+def _lora_config(source: str, values: dict[str, Any]):
+    """``peft.LoraConfig(**values)`` (a causal-LM task unless said otherwise); mistakes as RecipeErrors."""
+    try:
+        from peft import LoraConfig  # optional extra (peft), needed by recipes with a peft: mapping only
+    except ImportError:
+        raise RecipeError(f"recipe {source}: peft: needs PEFT, which is not installed: pip install "
+                          "'palsgd_hf[peft]'.") from None
+    known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    for key in values:
+        if key not in known:
+            raise RecipeError(f"recipe {source}: unknown key 'peft.{key}' (peft.LoraConfig has no such argument)."
+                              f"{suggest(key, known)}")
+    try:
+        return LoraConfig(**{"task_type": "CAUSAL_LM", **values})
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"recipe {source}: peft: LoraConfig rejected it: {err}") from None
+
+
 def _check_launch(source: str, launch: LaunchSpec, locator: _Locator, training: dict[str, Any]) -> None:
     if launch.num_processes < 1:
         raise RecipeError(f"recipe {source}: launch.num_processes={launch.num_processes} must be >= 1.")
-    if launch.launcher not in LAUNCHERS:
-        raise RecipeError(f"recipe {source}: launch.launcher={launch.launcher!r} is not one of {LAUNCHERS}.")
     if launch.accelerate_config is not None:
         if launch.launcher != "accelerate":
             raise RecipeError(
@@ -294,7 +305,7 @@ def check_training_arguments(recipe: Recipe) -> None:
     except PALSGDConfigError as err:
         raise RecipeError(f"recipe {recipe.source}: {err}") from None
     except (ValueError, TypeError) as err:
-        raise RecipeError(f"recipe {recipe.source}: TrainingArguments rejected it: {err}") from None
+        raise RecipeError(f"recipe {recipe.source}: {recipe.arguments_class.__name__} rejected it: {err}") from None
     finally:
         quiet.removeFilter(only_run_warnings)
 
@@ -302,96 +313,3 @@ def check_training_arguments(recipe: Recipe) -> None:
 class _DropSingleWorkerWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("PALSGD with a single worker")
-
-
-# ---------------------------------------------------------------------------------------------- types
-def _fields(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-_TRAINING_FIELDS: Optional[dict[str, Any]] = None
-
-
-def _training_fields() -> dict[str, Any]:
-    global _TRAINING_FIELDS
-    if _TRAINING_FIELDS is None:
-        hints = typing.get_type_hints(PALSGDTrainingArguments)
-        _TRAINING_FIELDS = {f.name: hints[f.name] for f in dataclasses.fields(PALSGDTrainingArguments) if f.init}
-    return _TRAINING_FIELDS
-
-
-def coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check ``value`` against a field's type (int -> float and scalar -> str are allowed)."""
-    allowed = _flatten(annotation)
-    if value is None:
-        if type(None) in allowed or Any in allowed:
-            return None
-        raise RecipeError(f"{key}: null is not allowed; give a value of type {_describe(allowed)}.")
-    if Any in allowed or object in allowed:
-        return value
-    if isinstance(value, str) and str not in allowed:
-        value = _number(value, allowed)  # YAML 1.1 reads 1e-3 (no dot) as a string
-    if isinstance(value, bool):
-        if bool in allowed:
-            return value
-    elif isinstance(value, int) and int in allowed:
-        return value
-    elif isinstance(value, (int, float)) and float in allowed:
-        return float(value)
-    elif isinstance(value, str) and (str in allowed or any(_is_enum(t) for t in allowed)):
-        for t in allowed:
-            if _is_enum(t) and str not in allowed and value not in {m.value for m in t}:
-                raise RecipeError(f"{key}={value!r} is not one of {[m.value for m in t]}.")
-        return value
-    elif isinstance(value, list) and list in allowed:
-        return value
-    elif isinstance(value, dict) and dict in allowed:
-        return value
-    if str in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # YAML read `run_name: 123` as a number
-    if any(not _is_plain(t) for t in allowed):
-        return value  # a type we cannot check here (e.g. a config object): TrainingArguments will
-    raise RecipeError(f"{key}={value!r} ({type(value).__name__}) should be {_describe(allowed)}.")
-
-
-def _number(text: str, allowed: set) -> Any:
-    for kind in (int, float):
-        if kind in allowed:
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-    return text
-
-
-def _flatten(annotation: Any) -> set:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        out = set()
-        for arg in typing.get_args(annotation):
-            out |= _flatten(arg)
-        return out
-    if origin is typing.Literal:
-        return {type(a) for a in typing.get_args(annotation)}
-    if origin in (list, tuple, Sequence):
-        return {list}
-    if origin is dict:
-        return {dict}
-    return {annotation}
-
-
-def _is_enum(t: Any) -> bool:
-    return isinstance(t, type) and issubclass(t, enum.Enum)
-
-
-def _is_plain(t: Any) -> bool:
-    return t in (bool, int, float, str, list, dict, type(None)) or _is_enum(t)
-
-
-def _describe(allowed: set) -> str:
-    return " or ".join(sorted("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed))
-
-
-def _suggest(key: Any, known) -> str:
-    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-    return f" Did you mean {close[0]!r}?" if close else " See docs/cli.md for the recipe keys."

@@ -1,14 +1,15 @@
-"""The per-process training entry: one recipe, run by ``PALSGDTrainer`` on every launched process.
+"""The per-process training entry: one recipe, run by its PALSGD trainer on every launched process.
 
     torchrun --standalone --nproc_per_node 2 -m palsgd_hf.cli.run recipes/shakespeare-tiny/palsgd.yaml
     python -m palsgd_hf.cli.run RECIPE --launch.num_processes 1        # one process, on purpose
 
 ``palsgd-hf train RECIPE`` starts exactly this under the recipe's launcher; the benchmark and
-multi-node users start it under their own ``torchrun --nnodes ...``. It builds the tokenizer, the
-block datasets and the model the recipe names, trains, evaluates the final global model, saves
-it, and rank 0 writes ``<output_dir>/result.json`` (keys documented in docs/cli.md): final eval
-loss and perplexity (exp of the eval loss), wall time, tokens read and
-computed, every rank's palsgd/* metrics, and the eval-loss history over steps and seconds.
+multi-node users start it under their own ``torchrun --nnodes ...``. It builds the trainer the
+recipe names (build.py: ``PALSGDTrainer`` on text blocks, or trl's SFT/DPO trainers with PALSGD),
+trains, evaluates the final global model, saves it, and rank 0 writes ``<output_dir>/result.json``
+(keys documented in docs/cli.md): final eval loss and perplexity (exp of the eval loss), wall time,
+tokens read and computed (trl recipes: trl's ``num_tokens``; computed is null), every rank's
+palsgd/* metrics, and the eval-loss history over steps and seconds.
 """
 
 from __future__ import annotations
@@ -21,13 +22,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch.distributed as dist
-from transformers import TrainerCallback, default_data_collator
+from transformers import TrainerCallback
 
 from .. import __version__
-from ..lm import build_lm_datasets, load_tokenizer, shakespeare_corpus
-from ..devices import cpu_only
-from ..integrations.trainer import PALSGDTrainer
-from ..lm import build_causal_lm
+from .build import build_trainer
 from .errors import report_user_errors
 from .launch import check_world
 from .preflight import check_sources
@@ -64,41 +62,14 @@ def run(recipe: Recipe) -> dict[str, Any]:
     """Train one recipe in this process (one rank of the job); return the result (rank 0 writes it)."""
     began = time.perf_counter()
     check_world(recipe.launch.num_processes)
-    spec = recipe.spec
-    tokenizer = load_tokenizer(spec.tokenizer)
-    model = None
-    if cpu_only():
-        # Before the TrainingArguments exist: with a ZeRO-3 config they make transformers build the
-        # model inside deepspeed.zero.Init, whose world (DeepSpeed's comm, not initialized under
-        # use_cpu) has one rank, and the batch-size check fails. ZeRO-3 partitions it later instead.
-        model = _build_model(spec, tokenizer, recipe.training.get("seed", 42))
-    args = recipe.training_arguments()
-    data: dict[str, Any] = {}
-    if spec.dataset == "shakespeare":
-        corpus = shakespeare_corpus()
-        data = {"train_files": corpus.train_files, "validation_files": corpus.validation_files}
-    elif spec.dataset_name is not None:
-        data = {"dataset_name": spec.dataset_name, "dataset_config": spec.dataset_config}
-    else:
-        data = {"train_files": spec.train_files, "validation_files": spec.validation_files}
-    with args.main_process_first(desc="tokenizing the datasets"):
-        train_ds, eval_ds = build_lm_datasets(
-            tokenizer, **data, text_column=spec.text_column, block_size=spec.block_size,
-            max_train_samples=spec.max_train_samples, max_eval_samples=spec.max_eval_samples,
-            validation_split_percentage=spec.validation_split_percentage,
-        )
-    if model is None:
-        model = _build_model(spec, tokenizer, args.seed)  # on GPUs, inside zero.Init under ZeRO-3
     recorder = RunRecorder()
-    trainer = PALSGDTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=default_data_collator, processing_class=tokenizer, callbacks=[recorder],
-    )
+    trainer = build_trainer(recipe, callbacks=[recorder])
+    args = trainer.args
     output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     final = trainer.evaluate()
-    if spec.save_final_model:
-        trainer.save_model()  # the global model (PALSGDTrainer syncs before the last step's save)
-    result = _result(recipe, args, trainer, output, final, recorder, spec.block_size, began)
+    if recipe.spec.save_final_model:
+        trainer.save_model()  # the global model (or LoRA adapter): PALSGD syncs before the last step's save
+    result = _result(recipe, args, trainer, output, final, recorder, began)
     if trainer.is_world_process_zero():
         write_json(Path(args.output_dir) / RESULT_FILE, result)
         write_json(Path(args.output_dir) / "recipe.json", {"source": recipe.source, **recipe.to_dict()})
@@ -106,18 +77,20 @@ def run(recipe: Recipe) -> dict[str, Any]:
     return result
 
 
-def _build_model(spec, tokenizer, seed: int):
-    return build_causal_lm(spec.model, spec.model_config, tokenizer=tokenizer, seed=seed,
-                           preset=spec.model_preset or "tiny")
-
-
-def _result(recipe, args, trainer, output, final, recorder, block_size, began) -> dict[str, Any]:
+def _result(recipe, args, trainer, output, final, recorder, began) -> dict[str, Any]:
     palsgd = trainer.palsgd.metrics() if trainer.palsgd is not None else {}
     per_rank = _gather(palsgd)
     world = args.world_size
-    micro = args.per_device_train_batch_size * block_size  # tokens in one micro-batch of one rank
     steps = output.global_step
     computed = sum(r.get("warmup_steps", 0) + r.get("gradient_steps", 0) for r in per_rank) if per_rank else steps * world
+    tokens_read, tokens_computed = None, None
+    if recipe.spec.trainer == "causal_lm":
+        micro = args.per_device_train_batch_size * recipe.spec.block_size  # tokens in one micro-batch of one rank
+        tokens_read = steps * args.gradient_accumulation_steps * world * micro
+        tokens_computed = computed * args.gradient_accumulation_steps * micro
+    else:  # rows of varying length: trl's own count of the tokens trained on (all ranks), from its last log
+        tokens_read = next((log["num_tokens"] for log in reversed(trainer.state.log_history) if "num_tokens" in log),
+                           None)
     eval_loss = final.get("eval_loss")
     return {
         "version": RESULT_VERSION,
@@ -131,8 +104,8 @@ def _result(recipe, args, trainer, output, final, recorder, block_size, began) -
         "train_loss": output.training_loss,
         "train_runtime_s": output.metrics.get("train_runtime"),
         "wall_time_s": time.perf_counter() - began,
-        "tokens_read": steps * args.gradient_accumulation_steps * world * micro,
-        "tokens_computed": computed * args.gradient_accumulation_steps * micro,
+        "tokens_read": tokens_read,
+        "tokens_computed": tokens_computed,
         "comm_bytes_total": sum(r.get("comm_bytes", 0.0) for r in per_rank),
         "palsgd": palsgd,
         "palsgd_per_rank": per_rank,

@@ -67,12 +67,14 @@ def build_causal_lm(
     *,
     preset: str = "tiny",
     tokenizer=None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> PreTrainedModel:
     """Build a causal LM: pretrained if ``model_name_or_path`` is given, else ``preset`` from scratch.
 
     ``tokenizer`` (optional) supplies ``vocab_size`` (its ``len``) and the bos/eos/pad ids;
     ``vocab_size`` alone sets just the size. ``config_overrides`` is applied last; unknown keys are
     errors. A pretrained model whose embedding is smaller than the vocabulary is resized.
+    ``model_kwargs`` go to ``from_pretrained`` (``dtype``, ``attn_implementation``, ``trust_remote_code``).
     """
     overrides = dict(config_overrides or {})
     token_ids = _token_ids(tokenizer)
@@ -82,7 +84,7 @@ def build_causal_lm(
         vocab_size = len(tokenizer)
 
     if model_name_or_path is not None:
-        return _pretrained(str(model_name_or_path), overrides, vocab_size, token_ids)
+        return _pretrained(str(model_name_or_path), overrides, vocab_size, token_ids, dict(model_kwargs or {}))
 
     if preset not in MODEL_PRESETS:
         raise ValueError(
@@ -153,9 +155,9 @@ def _check_params(params: dict[str, Any], preset: str) -> None:
 
 
 def _pretrained(
-    name: str, overrides: dict[str, Any], vocab_size: int | None, token_ids: dict[str, int]
+    name: str, overrides: dict[str, Any], vocab_size: int | None, token_ids: dict[str, int], kwargs: dict[str, Any]
 ) -> PreTrainedModel:
-    config = AutoConfig.from_pretrained(name)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=kwargs.get("trust_remote_code", False))
     known = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -165,7 +167,7 @@ def _pretrained(
         )
     for key, value in {**token_ids, **overrides}.items():
         setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(name, config=config)
+    model = AutoModelForCausalLM.from_pretrained(name, config=config, **kwargs)
     embeddings = model.get_input_embeddings().weight.shape[0]
     if vocab_size is not None and vocab_size > embeddings:
         logger.info("Resizing %s's token embeddings from %d to %d to fit the tokenizer", name, embeddings, vocab_size)

@@ -24,10 +24,10 @@ SMALL = [  # 12 steps: 4 warm-up, then 8 local steps with syncs after steps 8 an
 ]
 
 
-def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 240, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "palsgd_hf.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+                          timeout=timeout, env=env, cwd=cwd)
 
 
 def check(proc: subprocess.CompletedProcess) -> None:
@@ -56,6 +56,34 @@ def test_train_runs_a_recipe_on_two_processes(tmp_path):
     assert [h["step"] for h in result["eval_history"]] == [6, 12, 12]
     assert result["comm_bytes_total"] == pytest.approx(sum(r["comm_bytes"] for r in ranks))
     assert (out / "model.safetensors").is_file() and (out / "recipe.json").is_file()
+
+
+@pytest.mark.timeout(300)
+def test_train_runs_an_sft_lora_recipe_on_a_local_checkpoint(tmp_path):
+    pytest.importorskip("trl")
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    check(run_cli("chat-example", "--rows", "200", cwd=tmp_path))  # outputs/chat-example/ under the cwd
+    out = tmp_path / "run"
+    proc = run_cli("train", str(ROOT / "recipes" / "sft" / "palsgd_lora.yaml"), *SMALL[:6],
+                   "--palsgd_warmup_steps", "4", "--palsgd_sync_interval", "4", "--output_dir", str(out), cwd=tmp_path)
+    check(proc)
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["global_steps"] == 12 and math.isfinite(result["final_eval_loss"])
+    adapter = load_file(out / "adapter_model.safetensors")  # save_model wrote the global adapter only
+    trainable = sum(t.numel() for t in adapter.values())
+    for r in result["palsgd_per_rank"]:
+        assert r["warmup_steps"] == 4 and r["outer_syncs"] == 2
+        # Only the adapter crosses the wire, in fp32: each warm-up all-reduce and each sync send it once.
+        assert r["comm_bytes"] == (r["warmup_steps"] + r["outer_syncs"]) * trainable * 4
+        assert r["foreign_collectives"] == 0  # trl's metric gathers waited for the log step
+    assert result["tokens_read"] > 0  # trl's num_tokens, combined across ranks at the last log
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "outputs" / "chat-example" / "model")
+    reloaded = dict(peft.PeftModel.from_pretrained(base, out).named_parameters())
+    lora = {n: p for n, p in reloaded.items() if "lora_" in n}
+    assert len(lora) == len(adapter) and sum(p.numel() for p in lora.values()) == trainable
 
 
 @pytest.mark.timeout(180)

@@ -101,7 +101,7 @@ CASES = [
     # ---- recipes: keys, types, files
     ("unknown recipe key", lambda t: recipe("--palsgd_sync_intervall", "8"), "'palsgd_sync_intervall'",
      "unknown key", "Did you mean 'palsgd_sync_interval'?"),
-    ("wrong type", lambda t: recipe("--learning_rate", "fast"), "learning_rate='fast'", "(str) should be",
+    ("wrong type", lambda t: recipe("--learning_rate", "fast"), "learning_rate='fast'", "should be a float",
      "float"),
     ("p in a recipe", lambda t: recipe("--palsgd_pseudo_sync_prob", "1.5"), "palsgd_pseudo_sync_prob=1.5",
      "must lie in [0, 1)", "use p in"),

@@ -19,6 +19,7 @@ import pytest
 from palsgd_hf import cli
 from palsgd_hf.config import METHODS
 from palsgd_hf.cli.launch import LaunchError, build_command, check_accelerate_config, check_hardware, check_world
+from palsgd_hf.cli.chat_example import write_chat_example
 from palsgd_hf.cli.recipe import BUILTIN_DIR, RecipeError, load_recipe, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,6 +35,14 @@ def _in_repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name paths relative to the repository root
 
 
+@pytest.fixture(scope="module")
+def chat_example_root(tmp_path_factory):
+    """A directory holding outputs/chat-example/ (what `palsgd-hf chat-example` writes) for the sft recipes."""
+    root = tmp_path_factory.mktemp("chat_root")
+    write_chat_example(root / "outputs" / "chat-example", rows=40)
+    return root
+
+
 def test_there_are_recipes_for_every_method():
     names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
     for method in ("ddp", "diloco", "palsgd"):
@@ -43,8 +52,11 @@ def test_there_are_recipes_for_every_method():
 
 
 @pytest.mark.parametrize("path", RECIPES + BUILTINS, ids=lambda p: p.relative_to(p.parents[1]).as_posix())
-def test_every_recipe_parses_and_validates(path):
+def test_every_recipe_parses_and_validates(path, request, monkeypatch):
     source = f"builtin:{path.stem}" if path.parent == BUILTIN_DIR else str(path.relative_to(ROOT))
+    if path.parent.name == "sft":  # their model and data are what `palsgd-hf chat-example` writes into the cwd
+        monkeypatch.chdir(request.getfixturevalue("chat_example_root"))
+        source = str(path)
     recipe = load_recipe(source)  # keys, types, data/model/launch choices, PALSGDTrainingArguments
     cmd = build_command(recipe, [source])
     assert cmd[cmd.index("-m", 1) + 1] in ("torch.distributed.run", "accelerate.commands.launch")
@@ -77,8 +89,8 @@ def test_gpt_neo_8m_recipe_is_the_papers_setup():
     (["--palsgd_sync_intervall", "8"], "Did you mean 'palsgd_sync_interval'?"),
     (["--local_rank", "0"], "the launcher sets the rank"),
     (["--launch.num_proc", "2"], "unknown key 'launch.num_proc'. Did you mean 'num_processes'?"),
-    (["--learning_rate", "fast"], "learning_rate='fast' (str) should be float"),
-    (["--max_steps", "1.5"], "max_steps=1.5 (float) should be int"),
+    (["--learning_rate", "fast"], "learning_rate='fast' should be a float"),
+    (["--max_steps", "1.5"], "max_steps=1.5 should be an int"),
     (["--palsgd_pseudo_sync_prob", "1.5"], "palsgd_pseudo_sync_prob=1.5 must lie in [0, 1)"),
     (["--palsgd_mixing_rate", "100"], "lower palsgd_mixing_rate"),
     (["--palsgd_shard_size", "4"], "not a multiple of palsgd_shard_size=4"),
@@ -87,7 +99,10 @@ def test_gpt_neo_8m_recipe_is_the_papers_setup():
     (["--model_preset", "huge"], "model_preset='huge' is not one of"),
     (["--launch.launcher", "mpirun"], "launch.launcher='mpirun' is not one of"),
     (["--launch.accelerate_config", "recipes/accelerate/ddp.yaml"], "set launcher: accelerate"),
-    (["--eval_strategy", "sometimes"], "TrainingArguments rejected it"),
+    (["--eval_strategy", "sometimes"], "eval_strategy='sometimes' is not one of 'no', 'steps', 'epoch'"),
+    (["--bf16", "maybe"], "bf16='maybe' is refused: Truthy value expected"),
+    (["--launch", "4"], "launch must be a mapping"),
+    (["--model_config", "3"], "model_config must be a mapping"),
     (["--learning_rate"], "has no value"),
 ])
 def test_mistakes_are_refused_with_the_key_and_a_fix(overrides, fragment):
