@@ -6,7 +6,10 @@
   loss on the assistant turns only (``assistant_only_loss``);
 * ``lora``: the same with ``peft_config=LoraConfig(...)``: only the adapter trains and syncs; checkpoints
   (``--save-steps``) and the final ``save_model`` write the global adapter;
-* ``dpo``: ``PALSGDDPOTrainer`` on conversational preference pairs, LoRA.
+* ``dpo``: ``PALSGDDPOTrainer`` on conversational preference pairs, LoRA;
+* ``lora_zero2``: ``lora`` under DeepSpeed ZeRO-2 (``deepspeed=recipes/deepspeed/zero2.json``) with
+  ``palsgd_shard_size=2``: launched on 4 processes, 2 PALSGD workers of 2 ZeRO ranks each, every rank
+  owning (and syncing) its partition of the adapter's fp32 master weights.
 
 ``--resume-from`` restarts from a checkpoint of an earlier run. The checkpoint and data are built
 (once, by local rank 0) under ``--data-dir``. Writes rank{R}.json into --out: final weights' hashes,
@@ -29,6 +32,8 @@ from transformers import TrainerCallback
 from palsgd_hf.integrations.trl import PALSGDDPOConfig, PALSGDDPOTrainer, PALSGDSFTConfig, PALSGDSFTTrainer
 from palsgd_hf.integrations.trl.local_data import build_chat_checkpoint, write_chat_jsonl, write_preference_jsonl
 
+RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "deepspeed"
+
 
 def _sha(tensors) -> str:
     h = hashlib.sha256()
@@ -37,11 +42,15 @@ def _sha(tensors) -> str:
     return h.hexdigest()
 
 
-def _named_anchor(trainer) -> dict[str, torch.Tensor]:
-    """The global model (PALSGD's anchor), by parameter name."""
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    owned = [t for g in trainer.palsgd.adapter.owned_groups() for t in g.tensors]
-    return {names[id(p)]: a.detach().clone() for p, a in zip(owned, trainer.palsgd._anchor.tensors)}
+def _named_global(trainer) -> dict[str, torch.Tensor]:
+    """The global model's trainable tensors (PALSGD's anchor), by parameter name.
+
+    Read through ``global_weights()``, which swaps the anchor in and the local weights back out: under
+    ZeRO the anchor is this rank's flat partition, and only the model's parameters carry names. Collective
+    within a ZeRO replica (the swap re-gathers the weights), so every rank calls it at the same point.
+    """
+    with trainer.palsgd.global_weights():
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
 KIND_OF = {"warmup_steps": "warmup", "gradient_steps": "gradient", "pseudo_syncs": "pseudo_sync"}
@@ -66,12 +75,13 @@ class Recorder(TrainerCallback):
         self.kinds.append(KIND_OF[grew[0]])
         self._last = counters
         m = self.trainer.palsgd.metrics()
-        self.per_step.append(
-            {"step": state.global_step, "outer_syncs": m["outer_syncs"], "comm_bytes": m["comm_bytes"]}
-        )
+        self.per_step.append({
+            "step": state.global_step, "outer_syncs": m["outer_syncs"], "comm_bytes": m["comm_bytes"],
+            "peer_bytes": self.trainer.palsgd.peers.stats.bytes_sent,  # across workers only (not within a replica)
+        })
 
     def on_save(self, args, state, control, **kwargs):
-        anchor = _named_anchor(self.trainer)
+        anchor = _named_global(self.trainer)
         self.anchors_at_save[state.global_step] = anchor
         local = dict(self.trainer.model.named_parameters())
         self.local_differs_at_save[state.global_step] = any(not torch.equal(local[n], a) for n, a in anchor.items())
@@ -100,7 +110,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--out", required=True)
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--case", choices=["sft", "lora", "dpo"], required=True)
+    ap.add_argument("--case", choices=["sft", "lora", "dpo", "lora_zero2"], required=True)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--H", type=int, default=6)
     ap.add_argument("--p", type=float, default=0.3)
@@ -132,8 +142,12 @@ def main() -> None:
         palsgd_sync_interval=args.H, palsgd_pseudo_sync_prob=args.p, palsgd_mixing_rate=15.0,
         palsgd_warmup_steps=2, palsgd_coins=args.coins, palsgd_comm_timeout_seconds=90,
     )
+    if args.case == "lora_zero2":
+        # Under DeepSpeed the Trainer steps the engine inside backward; ZeRO-2 shards the adapter's optimizer
+        # state and gradients over the 2 ranks of each worker (the HF Trainer fills the config's "auto" values).
+        common.update(deepspeed=str(RECIPES / "zero2.json"), palsgd_shard_size=2)
     lora = None
-    if args.case in ("lora", "dpo"):
+    if args.case in ("lora", "dpo", "lora_zero2"):
         from peft import LoraConfig  # optional extra, imported by the cases that need it
 
         lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
@@ -161,11 +175,18 @@ def main() -> None:
         "total_numel": sum(p.numel() for p in trainer.model.parameters()),
         "anchor_numel": sum(a.numel() for a in trainer.palsgd._anchor.tensors),
         "local_differs_at_save": recorder.local_differs_at_save,
+        "replica": trainer.palsgd.replica_index,
     }
+    if trainer.is_deepspeed_enabled:
+        zero = trainer.model_wrapped.optimizer
+        # Trainable numel of each ZeRO parameter group (before DeepSpeed's padding), and this rank's partitions.
+        result["zero_group_numel"] = [sum(p.numel() for p in group) for group in zero.bit16_groups]
+        result["zero_world"] = dist.get_world_size(zero.dp_process_group)
+        result["owned_numel"] = [t.numel() for g in trainer.palsgd.adapter.owned_groups() for t in g.tensors]
     if lora is not None:
         final_dir = Path(args.run_dir) / "final"
         trainer.save_model(str(final_dir))
-        recorder.anchors_at_save[-1] = _named_anchor(trainer)
+        recorder.anchors_at_save[-1] = _named_global(trainer)
         if rank == 0:
             result["reloads_equal"] = check_reloads(data_dir / "ckpt", Path(args.run_dir), recorder.anchors_at_save)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
