@@ -8,7 +8,7 @@ multi-node users start it under their own ``torchrun --nnodes ...``. It builds t
 recipe names (build.py: ``PALSGDTrainer`` on text blocks, or trl's SFT/DPO trainers with PALSGD),
 trains, evaluates the final global model, saves it, and rank 0 writes ``<output_dir>/result.json``
 (keys documented in docs/cli.md): final eval loss and perplexity (exp of the eval loss), wall time,
-tokens read and computed (trl recipes: trl's ``num_tokens``; computed is null), every rank's
+tokens read and computed (trl recipes: computed is trl's ``num_tokens``, read is null), every rank's
 palsgd/* metrics, and the eval-loss history over steps and seconds.
 """
 
@@ -89,8 +89,8 @@ def _result(recipe, args, trainer, output, final, recorder, began) -> dict[str, 
         tokens_read = steps * args.gradient_accumulation_steps * world * micro
         tokens_computed = computed * args.gradient_accumulation_steps * micro
     else:  # rows of varying length: trl's own count of the tokens trained on (all ranks), from its last log
-        tokens_read = next((log["num_tokens"] for log in reversed(trainer.state.log_history) if "num_tokens" in log),
-                           None)
+        tokens_computed = next((log["num_tokens"] for log in reversed(trainer.state.log_history)
+                                if "num_tokens" in log), None)
     eval_loss = final.get("eval_loss")
     return {
         "version": RESULT_VERSION,

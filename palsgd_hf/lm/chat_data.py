@@ -78,11 +78,11 @@ def write_chat_jsonl(path: str | Path, n: int, *, seed: int = 0, op: str = "plus
     return path
 
 
-def write_preference_jsonl(path: str | Path, n: int, *, seed: int = 0) -> Path:
+def write_preference_jsonl(path: str | Path, n: int, *, seed: int = 0, op: str = "plus") -> Path:
     """``n`` conversational preference pairs ``{"prompt", "chosen", "rejected"}`` as JSON lines (for DPO)."""
     path = Path(path)
     with path.open("w") as f:
-        for question, right, wrong in _questions(n, seed):
+        for question, right, wrong in _questions(n, seed, op):
             f.write(json.dumps({
                 "prompt": [{"role": "user", "content": question}],
                 "chosen": [{"role": "assistant", "content": right}],

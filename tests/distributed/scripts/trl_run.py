@@ -30,7 +30,7 @@ from datasets import load_dataset
 from transformers import TrainerCallback
 
 from palsgd_hf.integrations.trl import PALSGDDPOConfig, PALSGDDPOTrainer, PALSGDSFTConfig, PALSGDSFTTrainer
-from palsgd_hf.integrations.trl.local_data import build_chat_checkpoint, write_chat_jsonl, write_preference_jsonl
+from palsgd_hf.lm import build_chat_checkpoint, write_chat_jsonl, write_preference_jsonl
 
 RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "deepspeed"
 
