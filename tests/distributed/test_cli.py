@@ -68,7 +68,9 @@ def test_train_runs_an_sft_lora_recipe_on_a_local_checkpoint(tmp_path):
     # outputs/chat-example/ under the cwd; random base weights (the pretraining is not what this test checks)
     check(run_cli("chat-example", "--rows", "200", "--base-steps", "0", cwd=tmp_path))
     out = tmp_path / "run"
-    proc = run_cli("train", str(ROOT / "recipes" / "sft" / "palsgd_lora.yaml"), *SMALL[:6],
+    # With packing (SFTConfig's field, through the recipe): rows packed into max_length sequences, which
+    # the tests of tests/distributed/test_trl.py do not use.
+    proc = run_cli("train", str(ROOT / "recipes" / "sft" / "palsgd_lora.yaml"), *SMALL[:6], "--packing", "true",
                    "--palsgd_warmup_steps", "4", "--palsgd_sync_interval", "4", "--output_dir", str(out), cwd=tmp_path)
     check(proc)
     result = json.loads((out / "result.json").read_text())
