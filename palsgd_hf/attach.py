@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from .adapters.fsdp import FSDPAdapter, is_fsdp2
 from .adapters.module import ModuleAdapter
 from .config import PALSGDConfig
 from .core.algorithm import PALSGD
@@ -56,15 +57,18 @@ def build_algorithm(
     peers = Communicator(groups.peers, comm_timeout) if distributed else LocalCommunicator()
     replica = Communicator(groups.replica, comm_timeout) if config.shard_size > 1 else LocalCommunicator()
     if adapter is None:
-        adapter = build_adapter(model, optimizer, peers)
+        adapter = build_adapter(model, optimizer, peers, config.shard_size)
     anchor_device = torch.device("cpu") if config.anchor_device == "cpu" else None
     return PALSGD(
         config, adapter, peers=peers, replica=replica, replica_index=topology.replica_index, anchor_device=anchor_device
     )
 
 
-def build_adapter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, comm: Communicator):
-    """The adapter for a plain module or DDP (DeepSpeed engines go through ``adapters.deepspeed.attach``)."""
+def build_adapter(model: torch.nn.Module, optimizer: torch.optim.Optimizer, comm: Communicator, shard_size: int = 1):
+    """The adapter for an FSDP2 model, a plain module or DDP (DeepSpeed engines go through
+    ``adapters.deepspeed.attach``)."""
+    if is_fsdp2(model):
+        return FSDPAdapter(model, optimizer, comm, shard_size)
     return ModuleAdapter(model, optimizer, comm)
 
 

@@ -10,8 +10,8 @@ Owned tensors are the inner optimizer's parameters themselves. Gradient sync:
 
 A ``torch.compile``-d model (``OptimizedModule``, as accelerate and the Trainer's
 ``torch_compile=True`` return it) is looked through to the DDP or module inside: its flags are
-the ones DDP reads. FSDP-wrapped models are refused (no FSDP adapter yet): treated as a plain
-module they would keep reduce-scattering every step and pair collectives across replicas.
+the ones DDP reads. FSDP2 models have their own adapter (:mod:`.fsdp`); FSDP1-wrapped ones are refused:
+treated as a plain module they would keep reduce-scattering every step and pair collectives across replicas.
 
 The trained tensors are fixed when the adapter is built (those with ``requires_grad`` then): the
 core pairs each with an anchor by position, so freezing a parameter later must not drop it from
@@ -149,8 +149,9 @@ def _refuse_fsdp(model: torch.nn.Module) -> None:
         return
     if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in _unwrap_compiled(model).modules()):
         raise NotImplementedError(
-            "PALSGD got an FSDP-sharded model, which it does not support yet (it would keep FSDP's per-step "
-            "collectives across replicas); shard each worker with DeepSpeed ZeRO (palsgd_shard_size, deepspeed=...) "
-            "or train without FSDP (no --use_fsdp / fsdp=... / ACCELERATE_USE_FSDP)."
+            "PALSGD got an FSDP-sharded model it cannot handle here (FSDP1, or FSDP2 given to ModuleAdapter): it would "
+            "keep FSDP's per-step collectives across replicas. Shard each worker with FSDP2 over its replica, "
+            "fully_shard(module, mesh=palsgd_hf.adapters.fsdp.shard_mesh(shard_size)) (docs/fsdp.md), or with "
+            "DeepSpeed ZeRO (palsgd_shard_size, deepspeed=...)."
         )
 

@@ -188,12 +188,16 @@ class PALSGDAccelerate:
 
     def _save_hook(self, models, weights, output_dir: str) -> None:
         # Runs on every process (unlike accelerate's own model/optimizer files).
-        unwrapped = self.accelerator.unwrap_model(self._model)
+        adapter = self.algorithm.adapter
+        if hasattr(adapter, "local_model_state"):  # FSDP2: this rank's local shards (replicas differ between syncs)
+            model, optimizer = adapter.local_model_state(), adapter.local_optimizer_state(self.optimizer.optimizer)
+        else:
+            unwrapped = self.accelerator.unwrap_model(self._model)
+            model = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+            optimizer = self.optimizer.optimizer.state_dict()
         state_files.save(
             self._rank_file(output_dir), rank=self.accelerator.process_index, world_size=self.accelerator.num_processes,
-            algorithm=self.algorithm.state_dict(),
-            model={k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()},
-            optimizer=self.optimizer.optimizer.state_dict(),
+            algorithm=self.algorithm.state_dict(), model=model, optimizer=optimizer,
         )
 
     def _load_hook(self, models, input_dir: str) -> None:
@@ -217,9 +221,13 @@ class PALSGDAccelerate:
                 "each rank needs the checkpoint directory its own rank wrote (a shared filesystem, or copy them)."
             )
         state = state_files.load(path, rank=self.accelerator.process_index, world_size=world)
-        unwrapped = self.accelerator.unwrap_model(self._model)
-        unwrapped.load_state_dict(state["model"])
-        self.optimizer.optimizer.load_state_dict(state["optimizer"])
+        adapter = self.algorithm.adapter
+        if hasattr(adapter, "load_local_model_state"):
+            adapter.load_local_model_state(state["model"])
+            adapter.load_local_optimizer_state(self.optimizer.optimizer, state["optimizer"])
+        else:
+            self.accelerator.unwrap_model(self._model).load_state_dict(state["model"])
+            self.optimizer.optimizer.load_state_dict(state["optimizer"])
         self.algorithm.load_state_dict(state["algorithm"])
         # The restored next-step kind was drawn before the save; put DDP's sync flags back to match
         # it now, since the algorithm re-applies them only when it draws a new coin.
