@@ -30,6 +30,7 @@ OUTER_OPTIMIZERS = ("nesterov", "sgd", "adam")
 COMM_DTYPES = ("fp32", "bf16")
 ANCHOR_DEVICES = ("auto", "cpu")
 COINS = ("shared", "per_replica")
+SYNC_POLICIES = ("fixed", "auto")
 
 # Values each preset fills in for fields left at None. A field listed in _FIXED must keep the
 # preset's value: anything else would silently run a different method than the one named.
@@ -66,17 +67,41 @@ class PALSGDConfig:
                   "plain averaging; ddp = gradient all-reduce every step."},
     )
     sync_interval: int = field(
-        default=32, metadata={"help": "H: a global (outer) sync every H optimizer steps after warm-up."}
+        default=32, metadata={"help": "H: a global (outer) sync every H optimizer steps after warm-up (with "
+                              "sync_policy='auto': the first interval, which the run then adapts)."}
+    )
+    sync_policy: str = field(
+        default="fixed",
+        metadata={"help": f"One of {SYNC_POLICIES}. 'fixed': a sync every sync_interval steps. 'auto': the interval "
+                  "is re-decided at every sync from the measured local-step time and sync time, so that the "
+                  "exposed communication stays near comm_target of the wall time, and grows only while the "
+                  "workers' drift stays within twice its value at the first sync (palsgd_hf/core/sync_policy.py)."},
+    )
+    comm_target: float = field(
+        default=0.1,
+        metadata={"help": "sync_policy='auto': the target fraction of wall time spent blocked in syncs, in (0, 1)."},
+    )
+    max_sync_interval: Optional[int] = field(
+        default=None,
+        metadata={"help": "sync_policy='auto': the longest interval it may choose. Default: 8 x sync_interval."},
     )
     pseudo_sync_prob: Optional[float] = field(
         default=None,
         metadata={"help": "p: probability of a pseudo-synchronization step (no forward/backward, a pull "
                   "toward the stale anchor). In [0, 1). Default: the method's (0.2 for palsgd, 0 else)."},
     )
-    mixing_rate: float = field(
-        default=1.0,
-        metadata={"help": "eta: strength of the pull. A pseudo-sync step moves x by c = lr*eta/p of the "
-                  "way to the anchor; choose eta so that c is about 0.01-0.1 at the peak learning rate."},
+    mixing_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": "eta: strength of the pull (the paper's parameter). A pseudo-sync step moves x by "
+                  "c = lr*eta/p of the way to the anchor. Set this or pull, not both; neither: eta = 1."},
+    )
+    pull: Optional[float] = field(
+        default=None,
+        metadata={"help": "c at the peak learning rate: the fraction of the way to the anchor a pseudo-sync step "
+                  "moves the worker when the learning rate peaks, in (0, 1]; eta = pull*p/peak_lr is derived when "
+                  "training starts (the Trainer reads the peak from its schedule, other loops from the optimizer's "
+                  "initial learning rate), so the pull no longer follows the learning rate you picked. Set this or "
+                  "mixing_rate, not both."},
     )
     warmup_steps: int = field(
         default=32,
@@ -148,6 +173,15 @@ class PALSGDConfig:
                     f"{name}={value!r} contradicts method={self.method!r}, which fixes {name}={preset_value!r}; "
                     f"leave {name} unset or {_FIX_HINT[self.method]}."
                 )
+        if self.pull is not None and self.mixing_rate is not None:
+            raise PALSGDConfigError(
+                f"pull={self.pull!r} and mixing_rate={self.mixing_rate!r} both set the pull strength (c = lr*eta/p at "
+                "the peak learning rate vs eta itself); set one of them."
+            )
+        if self.pull is None and self.mixing_rate is None:
+            self.mixing_rate = 1.0  # the paper's eta
+        if self.max_sync_interval is None and isinstance(self.sync_interval, int):
+            self.max_sync_interval = 8 * self.sync_interval
         self._validate()
 
     def _validate(self) -> None:
@@ -162,10 +196,26 @@ class PALSGDConfig:
                 f"pseudo_sync_prob={p!r} must lie in [0, 1): with p = 1 no gradient step is ever taken; "
                 "use p in [0, 0.5] (the paper uses 0.1-0.2)."
             )
-        if not isinstance(self.mixing_rate, (int, float)) or not self.mixing_rate > 0:
+        eta = self.mixing_rate
+        if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta > 0):
             raise PALSGDConfigError(
                 f"mixing_rate={self.mixing_rate!r} must be > 0 (it is the pull strength eta); use e.g. 0.5-1.0."
             )
+        if self.pull is not None and (isinstance(self.pull, bool) or not isinstance(self.pull, (int, float))
+                                      or not 0 < self.pull <= 1):
+            raise PALSGDConfigError(
+                f"pull={self.pull!r} must lie in (0, 1]: it is the fraction of the way to the anchor a pseudo-sync "
+                "step moves the worker at the peak learning rate; use e.g. 0.03."
+            )
+        _check_choice("sync_policy", self.sync_policy, SYNC_POLICIES)
+        if isinstance(self.comm_target, bool) or not isinstance(self.comm_target, (int, float)) or \
+                not 0 < self.comm_target < 1:
+            raise PALSGDConfigError(
+                f"comm_target={self.comm_target!r} must lie in (0, 1): it is the fraction of wall time the auto "
+                "sync policy lets syncs block; use e.g. 0.1."
+            )
+        _check_int("max_sync_interval", self.max_sync_interval, minimum=self.sync_interval,
+                   fix=f"use at least sync_interval={self.sync_interval} (the default is 8 x sync_interval)")
         _check_choice("outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
         if not isinstance(self.outer_lr, (int, float)) or not self.outer_lr > 0:
             raise PALSGDConfigError(f"outer_lr={self.outer_lr!r} must be > 0; DiLoCo's default is 0.7.")
@@ -202,6 +252,24 @@ class PALSGDConfig:
         """``comm_timeout_seconds`` as a ``timedelta`` (None when unset: the caller's default applies)."""
         return None if self.comm_timeout_seconds is None else timedelta(seconds=float(self.comm_timeout_seconds))
 
+    def resolve_pull(self, peak_lr: float) -> None:
+        """With ``pull`` set: derive eta = pull*p/peak_lr (in place; once the peak learning rate is known).
+
+        A no-op when eta is already set (``mixing_rate``, or an earlier call), or when p = 0 (no pull).
+        """
+        if self.mixing_rate is not None:
+            return
+        p = self.pseudo_sync_prob
+        if p == 0:
+            self.mixing_rate = 1.0  # never used: no pseudo-sync step
+            return
+        if not peak_lr > 0:
+            raise PALSGDConfigError(
+                f"pull={self.pull!r} needs a positive peak learning rate to derive eta = pull*p/peak_lr, got "
+                f"{peak_lr!r}; set the learning rate, or set mixing_rate (eta) instead of pull."
+            )
+        self.mixing_rate = self.pull * p / float(peak_lr)
+
     def check_mixing_coefficient(self, lr: float) -> float:
         """Return c = lr*eta/p for a learning rate, or raise if it lies outside [0, 1].
 
@@ -212,6 +280,8 @@ class PALSGDConfig:
         p = self.pseudo_sync_prob
         if p == 0:
             return 0.0
+        if self.mixing_rate is None:
+            raise PALSGDConfigError(f"pull={self.pull!r} is not resolved yet: call resolve_pull(peak_lr) first.")
         c = float(lr) * self.mixing_rate / p
         if not 0.0 <= c <= 1.0:
             raise PALSGDConfigError(

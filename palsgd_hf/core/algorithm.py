@@ -11,7 +11,8 @@ Phases of one optimizer step t (t counts every step, of all kinds, from 0):
    - b >= p, *gradient step*: local gradients only (the backend's all-reduce is off), the inner
      optimizer steps with its learning rate multiplied by 1 / (1 - p), then restored.
    In expectation: x <- x - lr [grad f(x) + eta (x - x_bar)], an elastic pull toward x_bar.
-3. Global sync after step t when (t + 1) mod H == 0 (after warm-up):
+3. Global sync after step t when (t + 1) mod H == 0 (after warm-up; ``sync_policy='auto'``: at an
+   interval re-decided at every sync from measured step and sync times, :mod:`~palsgd_hf.core.sync_policy`):
    delta = mean over replicas of (x_bar - x)   (one all-reduce over the peer group; bf16 on the
    wire with ``comm_dtype='bf16'``, :class:`~palsgd_hf.core.comm.MeanExchange`);
    x_bar <- outer_optimizer_step(x_bar, grad=delta);  x <- x_bar. The inner optimizer's state is
@@ -43,15 +44,17 @@ from ..config import PALSGDConfig
 from .adapter import OwnedGroup, ParamAdapter
 from .collective_guard import CollectiveGuard
 from .comm import WIRE_DTYPES, Communicator, LocalCommunicator
+from .global_model import GlobalModelViews
 from . import algorithm_state
 from .outer import Anchor
 from .overlap import PendingSync
 from .step_kinds import COUNTER_OF, COUNTERS, StepKind, coin_seed
+from .sync_policy import build_schedule
 from .tensor_ops import agree_all_finite, average_buffers, check_aligned, lerp_
 
 logger = logging.getLogger(__name__)
 
-class PALSGD:
+class PALSGD(GlobalModelViews):
     """Pseudo-Asynchronous Local SGD for one rank.
 
     Args:
@@ -77,6 +80,10 @@ class PALSGD:
         guard: Optional[CollectiveGuard] = None,
     ):
         self.config = config
+        if config.mixing_rate is None:  # pull= set and no integration resolved it from its LR schedule
+            config.resolve_pull(max(float(g.options.get("initial_lr", g.options["lr"]))
+                                    for g in adapter.owned_groups()))
+        self.schedule = build_schedule(config)
         self.adapter = adapter
         self.peers = peers if peers is not None else LocalCommunicator()
         self.replica = replica if replica is not None else LocalCommunicator()
@@ -161,16 +168,26 @@ class PALSGD:
         self._kind = None
         if kind is not StepKind.WARMUP:
             self._since_sync += 1
+            self.schedule.on_step_end(kind is StepKind.GRADIENT)
             if self._pending is not None:
                 self._pending.on_step(self.step)
                 if self.step >= self._pending.apply_step:
+                    launched, blocked = self._pending.launch_step, self.sync_seconds_blocked
                     self._apply_pending()
-            if self.step % self.config.sync_interval == 0:
+                    self._decide_interval(launched, self.sync_seconds_blocked - blocked)
+            if self.schedule.is_due(self.step):
                 if self.config.overlap_steps > 0:
                     self._launch_sync()
+                    self.schedule.launched(self.step)
                 else:
+                    blocked = self.sync_seconds_blocked
                     self.sync()
+                    self._decide_interval(self.step, self.sync_seconds_blocked - blocked)
         return kind
+
+    def _decide_interval(self, sync_step: int, blocked: float) -> None:
+        """The sync schedule's decision after the sync of ``sync_step`` (collective under sync_policy='auto')."""
+        self.schedule.after_sync(sync_step, blocked, self.last_drift, (self.peers, self.replica))
 
     def finalize(self) -> None:
         """End of training: apply an overlapped sync in flight, then a last blocking sync if workers
@@ -196,6 +213,7 @@ class PALSGD:
         # Backends that make the replicas identical at construction (DDP, DeepSpeed) keep them so through
         # synchronous warm-up: nothing to send. A bare module's loop may have started from different
         # initializations: one broadcast makes the workers identical.
+        self.schedule.start(self.step)
         tensors = self._owned_tensors()
         if not getattr(self.adapter, "starts_identical", False):
             with torch.no_grad():
@@ -345,46 +363,6 @@ class PALSGD:
         if self._grad_sync is not enabled:
             self.adapter.set_gradient_sync(enabled)
             self._grad_sync = enabled
-
-    def adopt_global_model(self) -> None:
-        """Every worker takes the anchor (the global model) now, without communicating.
-
-        For a state loaded from a checkpoint that is to become the final model (the Trainer's
-        ``load_best_model_at_end``): the anchor is the global model that was evaluated there. An
-        overlapped sync that was in flight is dropped (its result did not exist at that step).
-        """
-        if self._anchor is None:
-            return
-        self._pending = None
-        tensors = self._owned_tensors()
-        self._anchor.write_to(tensors)
-        self.adapter.after_write()
-        self._since_sync = 0
-
-    # ------------------------------------------------------------------ evaluation
-    @contextlib.contextmanager
-    def global_weights(self) -> Iterator[None]:
-        """Temporarily put the global model (the anchor) into the weights, e.g. to evaluate it.
-
-        Between syncs the anchor is the last global model; while an overlapped sync is in flight
-        it is the old anchor (the latest complete global model: the new one exists only once the
-        average arrives). During warm-up (no anchor yet) the weights already are the global model
-        and nothing is swapped.
-        """
-        if self._anchor is None or (self._since_sync == 0 and self._pending is None):
-            yield
-            return
-        tensors = self._owned_tensors()
-        local = [t.detach().clone() for t in tensors]
-        self._anchor.write_to(tensors)
-        self.adapter.after_write()
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for t, saved in zip(tensors, local):
-                    t.copy_(saved)
-            self.adapter.after_write()
 
     # ------------------------------------------------------------------ metrics and state
     def metrics(self) -> dict[str, float]:

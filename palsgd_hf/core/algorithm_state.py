@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # Settings a resumed run must share with the run that wrote the checkpoint: they decide what the saved
 # state means (the coin stream, the sync schedule, whose partition a file holds). Run-time settings such as
 # comm_timeout_seconds are left out on purpose: resuming with a longer or shorter timeout is legitimate.
-MUST_MATCH = ("method", "sync_interval", "shard_size", "coins")
+MUST_MATCH = ("method", "sync_interval", "sync_policy", "shard_size", "coins")
 
 
 def metrics(algo: "PALSGD") -> dict[str, float]:
@@ -34,6 +34,7 @@ def metrics(algo: "PALSGD") -> dict[str, float]:
     out["drift"] = algo.last_drift
     out["mixing_coefficient"] = algo.last_mixing_coefficient
     out.update(algo.guard.metrics())
+    out.update(algo.schedule.metrics())
     return out
 
 
@@ -54,6 +55,7 @@ def save(algo: "PALSGD") -> dict[str, Any]:
         "replica_stats": algo.replica.stats.state_dict(),
         "replica_index": algo.replica_index,
         "guard": algo.guard.state_dict(),
+        "schedule": algo.schedule.state_dict(),
         "config": algo.config.to_dict(),
     }
 
@@ -88,6 +90,8 @@ def load(algo: "PALSGD", state: dict[str, Any]) -> None:
         algo._anchor.load_state_dict(state["anchor"])
     algo.sync_seconds_blocked = float(state.get("sync_seconds_blocked", 0.0))
     algo.guard.load_state_dict(state.get("guard", {}))
+    if state.get("schedule") is not None:
+        algo.schedule.load_state_dict(state["schedule"])
     algo._pending = None
     if state.get("pending_sync") is not None:
         device = algo._owned_tensors()[0].device

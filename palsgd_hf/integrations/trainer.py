@@ -105,6 +105,7 @@ class PALSGDTrainerMixin:
                 model, train_dataloader = super()._prepare_for_training(
                     max_steps, train_dataloader, resume_from_checkpoint
                 )
+            self._palsgd_resolve_pull()
             self.palsgd = attach(self.model_wrapped, self.palsgd_config, comm_timeout=timeout)
             self.optimizer = PALSGDOptimizer(self.optimizer, self.palsgd, engine_steps=True)
             # The engine takes gradient steps inside backward; the step's interior (token counting,
@@ -113,6 +114,7 @@ class PALSGDTrainerMixin:
             # ---- end DeepSpeed
         else:
             model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+            self._palsgd_resolve_pull()
             # model_wrapped is what accelerate prepared (DDP): build_algorithm picks the adapter from it.
             # Collective: every rank builds its process groups here.
             self.palsgd = build_algorithm(self.model_wrapped, self.optimizer, self.palsgd_config, comm_timeout=timeout)
@@ -123,6 +125,12 @@ class PALSGDTrainerMixin:
         self._palsgd_computed_at_log = self._palsgd_computed()
         self._palsgd_announce()
         return model, train_dataloader
+
+    def _palsgd_resolve_pull(self) -> None:
+        """palsgd_pull = c at the peak: eta = pull*p/peak from the schedule's peak (before the algorithm exists)."""
+        cfg = self.palsgd_config
+        if cfg.mixing_rate is None:
+            cfg.resolve_pull(schedule_peak_lr(self.optimizer, self.lr_scheduler, self.state.max_steps))
 
     def _palsgd_announce(self) -> None:
         cfg = self.palsgd_config

@@ -26,7 +26,9 @@ import torch.distributed as dist
 from transformers import TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from ..config import ANCHOR_DEVICES, COINS, COMM_DTYPES, METHODS, OUTER_OPTIMIZERS, PALSGDConfig, PALSGDConfigError
+from ..config import (
+    ANCHOR_DEVICES, COINS, COMM_DTYPES, METHODS, OUTER_OPTIMIZERS, SYNC_POLICIES, PALSGDConfig, PALSGDConfigError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +67,12 @@ class PALSGDTrainingArguments(TrainingArguments):
 
     palsgd_method: str = _twin("method", METHODS)
     palsgd_sync_interval: int = _twin("sync_interval")
+    palsgd_sync_policy: str = _twin("sync_policy", SYNC_POLICIES)
+    palsgd_comm_target: float = _twin("comm_target")
+    palsgd_max_sync_interval: Optional[int] = _twin("max_sync_interval")
     palsgd_pseudo_sync_prob: Optional[float] = _twin("pseudo_sync_prob")
-    palsgd_mixing_rate: float = _twin("mixing_rate")
+    palsgd_mixing_rate: Optional[float] = _twin("mixing_rate")
+    palsgd_pull: Optional[float] = _twin("pull")
     palsgd_warmup_steps: int = _twin("warmup_steps")
     palsgd_outer_optimizer: Optional[str] = _twin("outer_optimizer", OUTER_OPTIMIZERS)
     palsgd_outer_lr: Optional[float] = _twin("outer_lr")
@@ -199,6 +205,8 @@ def _optimizer_name(optim: Any) -> Optional[OptimizerNames]:
 
 def _check_pull(config: PALSGDConfig, learning_rate: float) -> None:
     """c = lr*eta/p at the peak learning rate must lie in (0, 1]; warn when it is negligible."""
+    if config.pull is not None:
+        return  # c at the peak is palsgd_pull by construction (eta is derived from the schedule's peak)
     try:
         c = config.check_mixing_coefficient(learning_rate)
     except PALSGDConfigError as err:

@@ -1,0 +1,176 @@
+"""When the next global sync happens: every H steps (``fixed``), or at an interval set from measurements (``auto``).
+
+``sync_policy='fixed'``: a sync after step t when t mod H == 0 (t counts every step from 0, warm-up
+included), the paper's schedule.
+
+``sync_policy='auto'``: H is re-decided at every sync so that the *exposed* communication (the time
+every rank is blocked in the pseudo-gradient exchange) stays near a target fraction rho of the
+period's wall time (``comm_target``, default 0.1). With t_step the median seconds of a local
+gradient step in the period just ended (forward, backward and optimizer step, as the loop sees it:
+the time between the ends of consecutive optimizer steps) and t_sync the seconds blocked in this
+sync, a period of H steps computes about (1 - p) H t_step (pseudo-sync steps cost almost nothing),
+so the fraction t_sync / ((1 - p) H t_step + t_sync) equals rho at
+
+    H* = t_sync (1 - rho) / (rho (1 - p) t_step).
+
+The next interval is H* rounded up, moved at most a factor 2 from the current one (one noisy
+measurement cannot swing it), and kept within [overlap_steps + 1, max_sync_interval]. Quality
+guard: H may grow only while the workers' drift at the sync (relative distance of the local
+weights from the anchor) is at most twice the drift measured at the first sync, taken at the
+user's ``sync_interval``: longer intervals are allowed while they do not let the replicas wander
+further apart than the baseline did. The first period starts at the local phase and lasts
+``sync_interval`` steps (it is not shortened to a multiple of H as in the fixed schedule).
+
+Agreement: every decision uses (t_step, t_sync, drift) maxed over all ranks by two tiny
+all-reduces (12 bytes) at the sync, which every rank reaches at the same step, so every replica
+decides the same H at the same step, deterministically given the measurements. The schedule's
+state (H, the next sync step, the baseline drift, the last measurements) is checkpointed, so a
+resumed run continues the same schedule. Every decision is logged at INFO and as palsgd/* metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..config import PALSGDConfig
+from .comm import Communicator
+
+logger = logging.getLogger(__name__)
+
+# At most this factor between consecutive intervals, up or down.
+MAX_CHANGE = 2.0
+# H may grow while the drift at a sync is at most this multiple of the drift at the first sync.
+DRIFT_ALLOWANCE = 2.0
+
+
+class FixedSchedule:
+    """A sync after step t when t mod H == 0."""
+
+    def __init__(self, config: PALSGDConfig):
+        self.interval = config.sync_interval
+
+    def start(self, step: int) -> None:
+        pass
+
+    def on_step_end(self, gradient_step: bool) -> None:
+        pass
+
+    def is_due(self, step: int) -> bool:
+        return step % self.interval == 0
+
+    def launched(self, step: int) -> None:
+        pass
+
+    def after_sync(self, step: int, sync_seconds: float, drift: float, groups: tuple[Communicator, ...]) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}  # H is the configured one: nothing to report
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy": "fixed", "interval": self.interval}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class AdaptiveSchedule:
+    """The ``auto`` policy (see the module docstring). ``clock`` is injectable for tests."""
+
+    def __init__(self, config: PALSGDConfig, clock: Callable[[], float] = time.perf_counter):
+        self.config = config
+        self.clock = clock
+        self.interval = config.sync_interval
+        self.low = config.overlap_steps + 1
+        self.high = config.max_sync_interval
+        self.next_sync: Optional[int] = None
+        self.baseline_drift: Optional[float] = None
+        self.decisions = 0
+        self.last: dict[str, float] = {}  # the agreed measurements behind the last decision
+        self._step_seconds: list[float] = []
+        self._last_end: Optional[float] = None
+
+    def start(self, step: int) -> None:
+        """The local phase starts before step ``step``: the first period is ``sync_interval`` steps."""
+        if self.next_sync is None:  # a resumed run keeps the saved schedule
+            self.next_sync = step + self.interval
+        self._last_end = self.clock()
+
+    def on_step_end(self, gradient_step: bool) -> None:
+        now = self.clock()
+        if gradient_step and self._last_end is not None:
+            self._step_seconds.append(now - self._last_end)
+        self._last_end = now
+
+    def is_due(self, step: int) -> bool:
+        return self.next_sync is not None and step >= self.next_sync
+
+    def launched(self, step: int) -> None:
+        """An overlapped sync left at ``step``: not due again before its decision lands (H > overlap_steps)."""
+        self.next_sync = step + self.interval
+
+    def after_sync(self, step: int, sync_seconds: float, drift: float, groups: tuple[Communicator, ...]) -> None:
+        """Decide the next interval from the agreed measurements; the next sync is that many steps away."""
+        local_step = statistics.median(self._step_seconds) if self._step_seconds else 0.0
+        agreed = torch.tensor([local_step, float(sync_seconds), float(drift)], dtype=torch.float64)
+        for group in groups:  # peers (same shard, every replica), then the replica's own ranks
+            agreed = group.all_reduce_max(agreed)
+        t_step, t_sync, drift = (float(v) for v in agreed.tolist())
+        previous = self.interval
+        self.interval = self.decide(previous, t_step, t_sync, drift)
+        self.next_sync = step + self.interval
+        self.decisions += 1
+        exposed = t_sync / ((1.0 - self.config.pseudo_sync_prob) * previous * t_step + t_sync) if t_sync > 0 else 0.0
+        self.last = {"step_seconds": t_step, "sync_seconds": t_sync, "drift": drift, "comm_fraction": exposed}
+        logger.info(
+            "PALSGD auto sync interval at step %d: H %d -> %d (local step %.4g s, sync %.4g s blocked: exposed "
+            "communication %.1f%% of the period, target %.0f%%; drift %.4g, baseline %.4g; next sync after step %d)",
+            step, previous, self.interval, t_step, t_sync, 100 * exposed, 100 * self.config.comm_target, drift,
+            self.baseline_drift or 0.0, self.next_sync,
+        )
+        self._step_seconds.clear()
+        self._last_end = self.clock()  # the next step's time starts after the sync
+
+    def decide(self, current: int, t_step: float, t_sync: float, drift: float) -> int:
+        """The next interval (pure: the same inputs give the same H on every replica)."""
+        if self.baseline_drift is None:
+            self.baseline_drift = drift
+        if t_step <= 0:
+            return current  # no gradient step measured in the period (all pseudo-syncs): keep H
+        rho, p = self.config.comm_target, self.config.pseudo_sync_prob
+        wanted = t_sync * (1.0 - rho) / (rho * (1.0 - p) * t_step)
+        target = max(1, math.ceil(wanted - 1e-9))
+        target = min(max(target, math.ceil(current / MAX_CHANGE)), math.floor(current * MAX_CHANGE))
+        if target > current and drift > DRIFT_ALLOWANCE * self.baseline_drift:
+            target = current  # quality guard: the replicas already drift twice as far as at the baseline
+        return int(min(max(target, self.low), self.high))
+
+    def metrics(self) -> dict[str, float]:
+        out = {"sync_interval": float(self.interval)}
+        for key, value in self.last.items():
+            out[f"auto_{key}"] = value
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy": "auto", "interval": self.interval, "next_sync": self.next_sync,
+                "baseline_drift": self.baseline_drift, "decisions": self.decisions, "last": dict(self.last)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("policy") != "auto":
+            raise ValueError("the checkpoint's sync schedule is not sync_policy='auto'; resume with the same policy.")
+        self.interval = int(state["interval"])
+        self.next_sync = None if state["next_sync"] is None else int(state["next_sync"])
+        self.baseline_drift = state["baseline_drift"]
+        self.decisions = int(state["decisions"])
+        self.last = dict(state["last"])
+
+
+def build_schedule(config: PALSGDConfig, clock: Callable[[], float] = time.perf_counter):
+    """The schedule of ``config.sync_policy``."""
+    return AdaptiveSchedule(config, clock) if config.sync_policy == "auto" else FixedSchedule(config)
