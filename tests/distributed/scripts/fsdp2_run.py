@@ -138,7 +138,7 @@ def main() -> None:
             load_raw(args.resume, rank, algo, inner, scheduler)
     start = algo.step
 
-    record = {"kinds": [], "lrs": [], "weights": [], "peer_bytes": [], "synced": [], "owned_numel": 0}
+    record = {"kinds": [], "lrs": [], "weights": [], "peer_bytes": [], "synced": [], "initial": full_weights(module)}
     record["owned_numel"] = sum(t.numel() for g in algo.adapter.owned_groups() for t in g.tensors)
     for t in range(start, args.steps):
         computes = hooks.should_compute() if accelerator is not None else algo.step_kind() is not StepKind.PSEUDO_SYNC
