@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--momentum", type=float, default=0.5, help="SGD momentum (inner state a resume must restore)")
     ap.add_argument("--micro", type=int, default=4, help="micro-batch size per rank")
+    ap.add_argument("--bf16", action="store_true", help="FSDP2 mixed precision: bf16 compute, fp32 shards and reduce")
     ap.add_argument("--save-at", type=int, default=None, help="also save a checkpoint after this many steps")
     ap.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     args = ap.parse_args()
@@ -108,8 +109,13 @@ def main() -> None:
         from palsgd_hf.adapters.fsdp import shard_mesh
 
         mesh = shard_mesh(S)
+        policy = {}
+        if args.bf16:
+            from torch.distributed.fsdp import MixedPrecisionPolicy
+
+            policy["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in (model[0], model[2], model):
-            fully_shard(layer, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **policy)
         module = model
     else:
         from torch.nn.parallel import DistributedDataParallel
@@ -139,7 +145,9 @@ def main() -> None:
     start = algo.step
 
     record = {"kinds": [], "lrs": [], "weights": [], "peer_bytes": [], "synced": [], "initial": full_weights(module)}
-    record["owned_numel"] = sum(t.numel() for g in algo.adapter.owned_groups() for t in g.tensors)
+    owned = [t for g in algo.adapter.owned_groups() for t in g.tensors]
+    record["owned_numel"] = sum(t.numel() for t in owned)
+    record["owned_dtypes"] = sorted({str(t.dtype) for t in owned})
     for t in range(start, args.steps):
         computes = hooks.should_compute() if accelerator is not None else algo.step_kind() is not StepKind.PSEUDO_SYNC
         kind = algo.step_kind()
