@@ -14,7 +14,8 @@ Phases of one optimizer step t (t counts every step, of all kinds, from 0):
 3. Global sync after step t when (t + 1) mod H == 0 (after warm-up; ``sync_policy='auto'``: at an
    interval re-decided at every sync from measured step and sync times, :mod:`~palsgd_hf.core.sync_policy`):
    delta = mean over replicas of (x_bar - x)   (one all-reduce over the peer group; bf16 on the
-   wire with ``comm_dtype='bf16'``, :class:`~palsgd_hf.core.comm.MeanExchange`);
+   wire with ``comm_dtype='bf16'``, :class:`~palsgd_hf.core.comm.MeanExchange`; int8/int4 with error
+   feedback, :mod:`~palsgd_hf.core.quantized`);
    x_bar <- outer_optimizer_step(x_bar, grad=delta);  x <- x_bar. The inner optimizer's state is
    kept; the model's floating-point buffers (BatchNorm statistics) are averaged over all ranks.
 4. Overlapped sync (``overlap_steps`` = d >= 1): the average is launched at the sync and applied
@@ -43,7 +44,7 @@ import torch
 from ..config import PALSGDConfig
 from .adapter import OwnedGroup, ParamAdapter
 from .collective_guard import CollectiveGuard
-from .comm import WIRE_DTYPES, Communicator, LocalCommunicator
+from .comm import WIRE_DTYPES, Communicator, ErrorFeedback, LocalCommunicator
 from .global_model import GlobalModelViews
 from . import algorithm_state
 from .outer import Anchor
@@ -104,6 +105,8 @@ class PALSGD(GlobalModelViews):
         self._since_sync = 0  # local steps since the workers last left the anchor (a sync or its launch)
         self._pending: Optional[PendingSync] = None  # an overlapped sync in flight
         self.sync_seconds_blocked = 0.0  # time blocked in pseudo-gradient exchanges only
+        # int8/int4 on the wire: this rank's quantization residuals, carried from one sync to the next.
+        self.feedback = ErrorFeedback() if isinstance(WIRE_DTYPES[config.comm_dtype], str) else None
         self._grad_sync: Optional[bool] = None
 
     # ------------------------------------------------------------------ the step
@@ -298,7 +301,7 @@ class PALSGD(GlobalModelViews):
         num, den = self._anchor.drift(tensors)
         self.last_drift = math.sqrt(num / den) if den > 0 else 0.0
         wire = WIRE_DTYPES[self.config.comm_dtype]
-        return self.peers.mean_exchange_async(self._anchor.pseudo_gradient(tensors), wire)
+        return self.peers.mean_exchange_async(self._anchor.pseudo_gradient(tensors), wire, self.feedback)
 
     def _launch_sync(self) -> None:
         """The first half of an overlapped sync: start the average, remember x_launch, keep training."""

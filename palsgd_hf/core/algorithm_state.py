@@ -56,6 +56,7 @@ def save(algo: "PALSGD") -> dict[str, Any]:
         "replica_index": algo.replica_index,
         "guard": algo.guard.state_dict(),
         "schedule": algo.schedule.state_dict(),
+        "feedback": None if algo.feedback is None else algo.feedback.state_dict(),
         "config": algo.config.to_dict(),
     }
 
@@ -92,8 +93,11 @@ def load(algo: "PALSGD", state: dict[str, Any]) -> None:
     algo.guard.load_state_dict(state.get("guard", {}))
     if state.get("schedule") is not None:
         algo.schedule.load_state_dict(state["schedule"])
+    if algo.feedback is not None and state.get("feedback") is not None:
+        algo.feedback.load_state_dict(state["feedback"], algo._owned_tensors()[0].device)
     algo._pending = None
     if state.get("pending_sync") is not None:
         device = algo._owned_tensors()[0].device
-        algo._pending = PendingSync.from_state(state["pending_sync"], algo.peers, algo._anchor.tensors, device)
+        algo._pending = PendingSync.from_state(state["pending_sync"], algo.peers, algo._anchor.tensors, device,
+                                               algo.feedback)
     algo._grad_sync = None  # re-applied to the backend at the next step

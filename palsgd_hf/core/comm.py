@@ -9,7 +9,8 @@ overlapped outer sync). Traffic the core does not issue itself (DDP's gradient b
 warm-up) is added with :meth:`record`.
 
 The pseudo-gradient average goes through :class:`MeanExchange` (see there): one all-reduce in
-fp32, or, with bf16 on the wire, an all-to-all plus an all-gather that accumulate in fp32.
+fp32, or, with bf16 on the wire, an all-to-all plus an all-gather that accumulate in fp32; int8 and
+int4 (with error feedback) take the same two phases (:mod:`~palsgd_hf.core.quantized`).
 
 :class:`LocalCommunicator` is the single-process stand-in (one worker, every collective a no-op),
 used for runs without ``torch.distributed`` and in unit tests.
@@ -26,6 +27,8 @@ import torch
 import torch.distributed as dist
 
 from .collective_guard import palsgd_issuing
+from .in_flight import InFlight as _InFlight
+from .quantized import KINDS as QUANTIZED, ErrorFeedback, QuantizedMeanExchange
 
 
 @dataclass
@@ -50,41 +53,6 @@ class CommStats:
         self.seconds_overlapped = float(state.get("seconds_overlapped", 0.0))  # absent before overlap existed
 
 
-class _InFlight:
-    """One asynchronous collective: wait for it and book the time blocked vs. hidden behind work.
-
-    The backend's future marks when the collective really finished (gloo runs it on a background
-    thread, NCCL on its own stream), so the hidden part is launch -> min(finish, start of wait)
-    and the blocked part is the time spent inside ``wait()``.
-    """
-
-    def __init__(self, comm: "Communicator", work):
-        self.comm, self.work = comm, work
-        self.launched_at = time.perf_counter()
-        self.done_at: Optional[float] = None
-        if work is not None:
-            try:
-                work.get_future().add_done_callback(self._mark_done)
-            except (AttributeError, RuntimeError):
-                pass  # a backend without futures: the hidden time is taken up to the start of wait()
-
-    def _mark_done(self, _future) -> None:
-        self.done_at = time.perf_counter()
-
-    def wait(self) -> float:
-        """Block until done; returns the seconds blocked (0 when nothing was in flight)."""
-        if self.work is None:
-            return 0.0
-        start = time.perf_counter()
-        self.work.wait()
-        blocked = time.perf_counter() - start
-        done = start if self.done_at is None else min(self.done_at, start)
-        self.comm.stats.seconds_blocked += blocked
-        self.comm.stats.seconds_overlapped += max(0.0, done - self.launched_at)
-        self.work = None
-        return blocked
-
-
 class PendingReduce:
     """An all-reduce in flight: :meth:`wait` blocks until the averaged tensor is ready."""
 
@@ -105,7 +73,8 @@ class PendingReduce:
         return self.tensor
 
 
-WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+# comm_dtype -> what MeanExchange puts on the wire: a float dtype (None: the tensor's own), or a quantizer.
+WIRE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "int8": "int8", "int4": "int4"}
 
 
 class MeanExchange:
@@ -222,7 +191,10 @@ class MeanExchange:
         }
 
     @classmethod
-    def from_state(cls, comm: "Communicator", state: dict, device: torch.device) -> "MeanExchange":
+    def from_state(cls, comm: "Communicator", state: dict, device: torch.device,
+                   feedback: Optional[ErrorFeedback] = None):
+        if state["wire"] in QUANTIZED:
+            return QuantizedMeanExchange.from_state(comm, state, device, feedback)
         wire = None if state["wire"] is None else getattr(torch, state["wire"])
         ex = cls(comm, int(state["numel"]), getattr(torch, state["dtype"]), wire)
         ex.phase = state["phase"]
@@ -292,8 +264,11 @@ class Communicator:
             work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         return PendingReduce(self, tensor, work, size)
 
-    def mean_exchange_async(self, flat: torch.Tensor, wire: Optional[torch.dtype] = None) -> MeanExchange:
-        """Start averaging ``flat`` over the group, with ``wire`` (None or torch.bfloat16) on the wire."""
+    def mean_exchange_async(self, flat: torch.Tensor, wire=None, feedback: Optional[ErrorFeedback] = None):
+        """Start averaging ``flat`` over the group, with ``wire`` (a value of :data:`WIRE_DTYPES`) on the wire;
+        ``feedback`` carries the int8/int4 quantization residuals of this rank from one exchange to the next."""
+        if isinstance(wire, str):
+            return QuantizedMeanExchange.launch(self, flat, wire, feedback)
         return MeanExchange.launch(self, flat, wire)
 
     # The two halves of an all-reduce, for the bf16 exchange; the caller books their bytes.

@@ -84,7 +84,8 @@ class PendingSync:
 
     @classmethod
     def from_state(
-        cls, state: dict, comm: Communicator, anchors: list[torch.Tensor], device: Optional[torch.device]
+        cls, state: dict, comm: Communicator, anchors: list[torch.Tensor], device: Optional[torch.device],
+        feedback=None,
     ) -> "PendingSync":
         saved = state["at_launch"]
         if len(saved) != len(anchors) or any(s.shape != a.shape for s, a in zip(saved, anchors)):
@@ -94,5 +95,5 @@ class PendingSync:
             )
         at_launch = [(torch.empty_like(a).pin_memory() if a.is_pinned() else torch.empty_like(a)).copy_(s)
                      for s, a in zip(saved, anchors)]
-        exchange = MeanExchange.from_state(comm, state["exchange"], device or anchors[0].device)
+        exchange = MeanExchange.from_state(comm, state["exchange"], device or anchors[0].device, feedback)
         return cls(exchange, at_launch, int(state["launch_step"]), int(state["apply_step"]), int(state["advance_step"]))

@@ -37,6 +37,7 @@ CASES = [
     pytest.param(2, 1, "fp32", 2, None, id="2proc-fp32-d2"),
     pytest.param(2, 1, "bf16", 3, 10, id="2proc-bf16-d3-resume-during-gather"),
     pytest.param(4, 2, "bf16", 3, 9, id="4proc-2replicas-bf16-d3-resume-before-gather"),
+    pytest.param(2, 1, "int8", 3, 10, id="2proc-int8-d3-resume-during-gather"),
 ]
 
 
@@ -57,9 +58,11 @@ def test_overlap_on_gloo_matches_the_float64_reference(tmp_path, nproc, shard_si
     # Bytes booked before finalize: 2 warm-up gradient all-reduces and the broadcast that starts the
     # local phase (from replica 0), all float64 (8 bytes x 6 values); the two syncs' exchanges
     # (bf16: 2 bytes per value); with shards, a 4-byte finite flag per applied sync in the replica.
+    # int8: the 6 values padded to one 256-value block per rank, 256 bytes + a 4-byte scale per chunk message,
+    # each of the two phases booking half of the 2 x 260 bytes.
+    per_sync = {"fp32": 6 * 8, "bf16": 6 * 2, "int8": 2 * 260}[comm_dtype]
     for r in results:
-        wire = 2 if comm_dtype == "bf16" else 8
-        expected = 2 * 48 + (48 if r["replica"] == 0 else 0) + 2 * 6 * wire + (2 * 4 if shard_size > 1 else 0)
+        expected = 2 * 48 + (48 if r["replica"] == 0 else 0) + 2 * per_sync + (2 * 4 if shard_size > 1 else 0)
         assert r["metrics"]["comm_bytes"] == expected
 
 
@@ -148,6 +151,24 @@ def test_zero_resume_in_the_middle_of_a_wait_is_exact(tmp_path):
         assert b["start"] == 5 and b["kinds"] == a["kinds"][5:]
         assert b["owned"] == a["owned"][5:], f"rank {a['rank']}: resumed trajectory differs"
         assert b["final"] == a["final"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("overlap", ["0", "2"])
+def test_zero_int8_with_residuals_resumes_exactly(tmp_path, overlap):
+    """int8 on the wire with error feedback over ZeRO-2 partitions (2 replicas x 2 shards): one global model at
+    the end, and a checkpoint after 5 steps (residuals of the sync at 4 held; with overlap, that sync in flight)
+    resumes onto the same trajectory, bit for bit."""
+    run = ("--mode", "ds", "--stage", "2", *ZERO_ARGS[2:], "--overlap", overlap, "--comm-dtype", "int8")
+    full = torchrun("overlap_ds_run.py", 4, tmp_path / "full", *run, timeout=300)
+    torchrun("overlap_ds_run.py", 4, tmp_path / "saved", *run, "--save-at", "5", timeout=300)
+    resumed = torchrun("overlap_ds_run.py", 4, tmp_path / "resumed", *run, "--resume", str(tmp_path / "saved" / "ckpt"),
+                       timeout=300)
+    assert all(x["final"] == full[0]["final"] for x in full)
+    assert all(x["metrics"]["outer_syncs"] == 4 and x["metrics"]["skipped_syncs"] == 0 for x in full)
+    for a, b in zip(full, resumed):
+        assert b["owned"] == a["owned"][5:] and b["final"] == a["final"], f"rank {a['rank']}: resumed run differs"
 
 
 # ---------------------------------------------------------------- the HF Trainer

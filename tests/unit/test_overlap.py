@@ -38,9 +38,17 @@ def reference(cfg: PALSGDConfig, workers: int, steps: int):
     st = {"anchor": None, "buf": None, "pending": None, "since": 0, "syncs": 0}
     kinds = [[] for _ in range(workers)]
 
+    feedback = {"sent": {}, "owned": {}}  # int8/int4: the rule's residuals (tests/unit/test_quantized_exchange.py)
+
     def average(deltas):  # deltas[k][i]: worker k, parameter i
         if cfg.comm_dtype == "bf16":
             return [bf16_mean_rule([dk[i] for dk in deltas]) for i in range(2)]
+        if cfg.comm_dtype in ("int8", "int4"):
+            # Quantization blocks span the flat pseudo-gradient [w, b] as the core concatenates its owned tensors.
+            from tests.unit.test_quantized_exchange import int_mean_rule
+
+            mean = int_mean_rule([torch.cat([d.reshape(-1) for d in dk]) for dk in deltas], cfg.comm_dtype, feedback)
+            return [part.reshape(d.shape) for part, d in zip(mean.split([d.numel() for d in deltas[0]]), deltas[0])]
         return [sum(dk[i] for dk in deltas) / workers for i in range(2)]
 
     def outer(delta):
@@ -254,8 +262,8 @@ def roundtrip(obj):
 
 @pytest.mark.parametrize(
     "comm_dtype,overlap,stop_at",
-    [("fp32", 2, 9), ("bf16", 3, 9), ("bf16", 3, 10)],
-    ids=["fp32-mid-wait", "bf16-before-gather", "bf16-during-gather"],
+    [("fp32", 2, 9), ("bf16", 3, 9), ("bf16", 3, 10), ("int8", 3, 9), ("int4", 3, 10)],
+    ids=["fp32-mid-wait", "bf16-before-gather", "bf16-during-gather", "int8-before-gather", "int4-during-gather"],
 )
 def test_resume_in_the_middle_of_a_wait_continues_exactly(comm_dtype, overlap, stop_at):
     # H = 8, launch at count 8; d = 3 starts the bf16 gather at count 10 and applies at 11.
