@@ -83,6 +83,8 @@ def check_against_reference(runs: list, ref: list) -> None:
     assert not torch.equal(weights[0][SAVE_AT - 1], weights[2][SAVE_AT - 1]), "replicas never drifted apart"
     finals = [torch.tensor(run["final"]) for run in runs]
     assert all(torch.equal(finals[0], f) for f in finals), "finalize() left ranks with different models"
+    # What a loop saves as the global model (get_model_state_dict, full_state_dict=True): the same on every rank.
+    assert all(run["full_state_dict"] == runs[0]["final"] for run in runs)
 
     # Bytes: nothing crosses replicas on a local step; a sync sends this rank's shard only, exactly half.
     ref_sync = ref[0]["peer_bytes"][SYNCS[0]] - ref[0]["peer_bytes"][SYNCS[0] - 1]

@@ -185,6 +185,12 @@ def main() -> None:
 
     algo.finalize()
     record["final"] = full_weights(module)
+    if args.mode == "fsdp":
+        # The global model as a full state dict, the way a hand-written FSDP2 loop saves it (gathered per replica).
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+        record["full_state_dict"] = torch.cat([v.reshape(-1) for v in full.values()]).tolist()
     with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
     dist.barrier()
