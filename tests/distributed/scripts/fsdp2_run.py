@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--momentum", type=float, default=0.5, help="SGD momentum (inner state a resume must restore)")
     ap.add_argument("--micro", type=int, default=4, help="micro-batch size per rank")
     ap.add_argument("--bf16", action="store_true", help="FSDP2 mixed precision: bf16 compute, fp32 shards and reduce")
+    ap.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (loss / accum)")
+    ap.add_argument("--overlap-steps", type=int, default=0)
+    ap.add_argument("--comm-dtype", default="fp32")
     ap.add_argument("--save-at", type=int, default=None, help="also save a checkpoint after this many steps")
     ap.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     args = ap.parse_args()
@@ -100,7 +103,7 @@ def main() -> None:
         shard_size=S if args.mode == "fsdp" else 1, seed=3,
         # Independent coins per replica: replicas then run different step kinds, and the collective guard
         # (refusing mode) must let every FSDP collective through (they stay inside the replica).
-        coins="per_replica",
+        coins="per_replica", overlap_steps=args.overlap_steps, comm_dtype=args.comm_dtype,
     )
     model = make_model()
     if args.mode == "fsdp":
@@ -152,17 +155,19 @@ def main() -> None:
         computes = hooks.should_compute() if accelerator is not None else algo.step_kind() is not StepKind.PSEUDO_SYNC
         kind = algo.step_kind()
         record["lrs"].append(float(algo.adapter.owned_groups()[0].options["lr"]))
-        if computes:
+        for m in range(args.accum if computes else 0):
+            step_id = t * args.accum + m
             if args.mode == "fsdp":
-                x, y = micro_batch(replica, shard, t, args.micro)
+                x, y = micro_batch(replica, shard, step_id, args.micro)
             else:
-                parts = [micro_batch(replica, s, t, args.micro) for s in range(S)]
+                parts = [micro_batch(replica, s, step_id, args.micro) for s in range(S)]
                 x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            loss = torch.nn.functional.mse_loss(module(x), y)
+            loss = torch.nn.functional.mse_loss(module(x), y) / args.accum
             if accelerator is not None:
                 accelerator.backward(loss)
             else:
                 loss.backward()
+        if computes:
             # On DTensors the norm is all-reduced over the shard mesh only: inside the replica.
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
