@@ -152,8 +152,9 @@ def check_training_args(config: PALSGDConfig, args: TrainingArguments) -> None:
     if getattr(args, "fsdp", None) or fsdp_from_launcher:
         where = f"fsdp={args.fsdp!r}" if getattr(args, "fsdp", None) else "ACCELERATE_USE_FSDP (accelerate --use_fsdp)"
         raise PALSGDConfigError(
-            f"{where} cannot be combined with PALSGD: there is no FSDP adapter yet; shard each worker "
-            "with DeepSpeed ZeRO (deepspeed=... and palsgd_shard_size) or train with plain DDP."
+            f"{where} cannot be combined with PALSGD: PALSGDTrainer has no FSDP path yet (FSDP2 works in "
+            "hand-written loops and the Accelerate hooks, docs/fsdp.md); shard each worker with DeepSpeed ZeRO "
+            "(deepspeed=... and palsgd_shard_size) or train with plain DDP."
         )
     if _optimizer_name(args.optim) in _STEP_IN_BACKWARD:
         raise PALSGDConfigError(
