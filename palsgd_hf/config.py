@@ -152,6 +152,11 @@ class PALSGDConfig:
         metadata={"help": "Where the anchor and outer-optimizer state live: 'auto' (beside the weights) "
                   "or 'cpu' (pinned host memory when a GPU is present)."},
     )
+    replica_metrics: bool = field(
+        default=False,
+        metadata={"help": "Gather every replica's drift, local steps, sync wait and step time at each sync (one "
+                  "small all-gather per sync) and log them as palsgd/replica{i}/... (palsgd_hf/core/replica_stats.py)."},
+    )
     comm_timeout_seconds: Optional[float] = field(
         default=None,
         metadata={"help": "Timeout of every collective while training (PALSGD's syncs, DDP's warm-up all-reduce, "
@@ -230,6 +235,8 @@ class PALSGDConfig:
                 "SGD); set outer_momentum (e.g. 0.9) or use outer_optimizer='sgd'."
             )
         _check_choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
+        if not isinstance(self.replica_metrics, bool):
+            raise PALSGDConfigError(f"replica_metrics={self.replica_metrics!r} must be true or false.")
         _check_choice("anchor_device", self.anchor_device, ANCHOR_DEVICES)
         _check_choice("coins", self.coins, COINS)
         t = self.comm_timeout_seconds

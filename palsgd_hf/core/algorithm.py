@@ -50,6 +50,7 @@ from . import algorithm_state
 from .outer import Anchor
 from .overlap import PendingSync
 from .step_kinds import COUNTER_OF, COUNTERS, StepKind, coin_seed
+from .replica_stats import ReplicaStats
 from .sync_policy import build_schedule
 from .tensor_ops import agree_all_finite, average_buffers, check_aligned, lerp_
 
@@ -85,6 +86,7 @@ class PALSGD(GlobalModelViews):
             config.resolve_pull(max(float(g.options.get("initial_lr", g.options["lr"]))
                                     for g in adapter.owned_groups()))
         self.schedule = build_schedule(config)
+        self.replica_stats = ReplicaStats() if config.replica_metrics else None
         self.adapter = adapter
         self.peers = peers if peers is not None else LocalCommunicator()
         self.replica = replica if replica is not None else LocalCommunicator()
@@ -172,12 +174,14 @@ class PALSGD(GlobalModelViews):
         if kind is not StepKind.WARMUP:
             self._since_sync += 1
             self.schedule.on_step_end(kind is StepKind.GRADIENT)
+            if self.replica_stats is not None:
+                self.replica_stats.on_step_end(COUNTER_OF[kind])
             if self._pending is not None:
                 self._pending.on_step(self.step)
                 if self.step >= self._pending.apply_step:
                     launched, blocked = self._pending.launch_step, self.sync_seconds_blocked
                     self._apply_pending()
-                    self._decide_interval(launched, self.sync_seconds_blocked - blocked)
+                    self._after_sync(launched, self.sync_seconds_blocked - blocked)
             if self.schedule.is_due(self.step):
                 if self.config.overlap_steps > 0:
                     self._launch_sync()
@@ -185,11 +189,16 @@ class PALSGD(GlobalModelViews):
                 else:
                     blocked = self.sync_seconds_blocked
                     self.sync()
-                    self._decide_interval(self.step, self.sync_seconds_blocked - blocked)
+                    self._after_sync(self.step, self.sync_seconds_blocked - blocked)
         return kind
 
-    def _decide_interval(self, sync_step: int, blocked: float) -> None:
-        """The sync schedule's decision after the sync of ``sync_step`` (collective under sync_policy='auto')."""
+    def _after_sync(self, sync_step: int, blocked: float) -> None:
+        """After the sync of ``sync_step`` (blocking, or landed): per-replica metrics, the schedule's decision.
+
+        Collective when ``replica_metrics`` or ``sync_policy='auto'`` is on; every rank gets here at the same step.
+        """
+        if self.replica_stats is not None:
+            self.replica_stats.gather(self.peers, self.last_drift, blocked)
         self.schedule.after_sync(sync_step, blocked, self.last_drift, (self.peers, self.replica))
 
     def finalize(self) -> None:
@@ -198,7 +207,10 @@ class PALSGD(GlobalModelViews):
         if self._pending is not None:
             self._apply_pending()
         if self._anchor is not None and self._since_sync > 0:
+            blocked = self.sync_seconds_blocked
             self.sync()
+            if self.replica_stats is not None:  # the rows of the final sync (no schedule decision: training ends)
+                self.replica_stats.gather(self.peers, self.last_drift, self.sync_seconds_blocked - blocked)
         self.end_step()
 
     def describe_step(self) -> str:

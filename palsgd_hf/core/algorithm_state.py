@@ -35,6 +35,8 @@ def metrics(algo: "PALSGD") -> dict[str, float]:
     out["mixing_coefficient"] = algo.last_mixing_coefficient
     out.update(algo.guard.metrics())
     out.update(algo.schedule.metrics())
+    if algo.replica_stats is not None:
+        out.update(algo.replica_stats.metrics())
     return out
 
 
@@ -56,6 +58,7 @@ def save(algo: "PALSGD") -> dict[str, Any]:
         "replica_index": algo.replica_index,
         "guard": algo.guard.state_dict(),
         "schedule": algo.schedule.state_dict(),
+        "per_replica": None if algo.replica_stats is None else algo.replica_stats.state_dict(),
         "feedback": None if algo.feedback is None else algo.feedback.state_dict(),
         "config": algo.config.to_dict(),
     }
@@ -93,6 +96,8 @@ def load(algo: "PALSGD", state: dict[str, Any]) -> None:
     algo.guard.load_state_dict(state.get("guard", {}))
     if state.get("schedule") is not None:
         algo.schedule.load_state_dict(state["schedule"])
+    if algo.replica_stats is not None and state.get("per_replica") is not None:
+        algo.replica_stats.load_state_dict(state["per_replica"])
     if algo.feedback is not None and state.get("feedback") is not None:
         algo.feedback.load_state_dict(state["feedback"], algo._owned_tensors()[0].device)
     algo._pending = None

@@ -292,6 +292,19 @@ class Communicator:
         with palsgd_issuing():
             return gather(output, input, group=self.group, async_op=True)
 
+    def all_gather_small(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor`` (a few values), stacked in group-rank order; blocking."""
+        if self.size == 1:
+            return tensor.unsqueeze(0).clone()
+        out = torch.empty(self.size * tensor.numel(), dtype=tensor.dtype, device=self.device or tensor.device)
+        self.record(tensor.numel() * tensor.element_size())
+        start = time.perf_counter()
+        work = self.all_gather_async(out, self.placed(tensor))
+        if work is not None:
+            work.wait()
+        self.stats.seconds_blocked += time.perf_counter() - start
+        return out.view(self.size, -1).to(tensor.device)
+
     def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
         """Element-wise max over the group, blocking (used for small flags)."""
         if self.size > 1:

@@ -83,6 +83,7 @@ class PALSGDTrainingArguments(TrainingArguments):
     palsgd_overlap_steps: int = _twin("overlap_steps")
     palsgd_comm_dtype: str = _twin("comm_dtype", COMM_DTYPES)
     palsgd_anchor_device: str = _twin("anchor_device", ANCHOR_DEVICES)
+    palsgd_replica_metrics: bool = _twin("replica_metrics")
     palsgd_eval_on: str = field(
         default="global",
         metadata={

@@ -62,7 +62,8 @@ def test_train_runs_a_recipe_on_two_processes(tmp_path):
 def test_auto_sync_interval_and_pull_through_the_trainer(tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", TINY, *SMALL, "--palsgd_sync_policy", "auto", "--palsgd_mixing_rate", "null",
-                   "--palsgd_pull", "0.05", "--output_dir", str(out), "--log_level", "info")
+                   "--palsgd_pull", "0.05", "--palsgd_replica_metrics", "true", "--output_dir", str(out),
+                   "--log_level", "info")
     check(proc)
     ranks = json.loads((out / "result.json").read_text())["palsgd_per_rank"]
     a, b = ranks
@@ -70,6 +71,10 @@ def test_auto_sync_interval_and_pull_through_the_trainer(tmp_path):
     assert a["outer_syncs"] == b["outer_syncs"] >= 2 and a["sync_interval"] == b["sync_interval"] >= 1
     assert a["auto_sync_seconds"] == b["auto_sync_seconds"] and a["auto_step_seconds"] == b["auto_step_seconds"]
     assert "PALSGD auto sync interval at step 8: H 4 ->" in proc.stderr  # the first period: steps 4..7
+    # Per-replica rows of the last sync, all-gathered: the same on both ranks, each replica's own drift.
+    rows = {k: v for k, v in a.items() if k.startswith("replica")}
+    assert rows and rows == {k: v for k, v in b.items() if k.startswith("replica")}
+    assert rows["replica0/drift"] == a["drift"] and rows["replica1/drift"] == b["drift"]
     # eta was derived from the cosine schedule's peak (3e-3 after its 2 warm-up steps): c = 0.05 there, so
     # eta = 0.05 * 0.2 / 3e-3 (the recipe's p and learning rate), logged with the peak c.
     assert "eta=3.333" in proc.stderr and "c = lr*eta/p = 0.05 at the peak learning rate 0.003" in proc.stderr

@@ -202,3 +202,42 @@ def test_pull_is_c_at_the_peak_learning_rate():
                   peers=LocalCommunicator())
     assert algo.config.mixing_rate == pytest.approx(0.05 * 0.25 / 0.1, rel=4 * 2.0 ** -52)
     assert math.isclose(algo.config.check_mixing_coefficient(0.1), 0.05, rel_tol=8 * 2.0 ** -52)
+
+
+def test_replica_metrics_hold_every_replicas_row_after_each_sync():
+    from palsgd_hf.core.replica_stats import FIELDS
+    from tests.unit.test_comm_dtype import run_exchange_threads
+
+    cfg = PALSGDConfig(sync_interval=4, pseudo_sync_prob=0.3, mixing_rate=1.0, warmup_steps=2, coins="per_replica",
+                       replica_metrics=True)
+
+    def worker(rank, comm):
+        model, inner, opt = make(rank, comm, cfg)
+        opt.algorithm.schedule = FixedSchedule(cfg)
+        kinds = []
+        before = dict(opt.algorithm.counters)
+        for t in range(10):  # syncs after steps 4 and 8; rows of the second: steps 5..8
+            g = torch.Generator().manual_seed(100 * rank + t)
+            x = torch.randn(8, 4, generator=g)
+            kind = opt.algorithm.step_kind()
+            if kind is not StepKind.PSEUDO_SYNC:
+                torch.nn.functional.mse_loss(model(x), x.sum(1, keepdim=True)).backward()
+            opt.step()
+            opt.zero_grad()
+            kinds.append(kind.value)
+            if t + 1 == 4:
+                before = dict(opt.algorithm.counters)
+            if t + 1 == 8:
+                after = dict(opt.algorithm.counters)
+                metrics = opt.algorithm.metrics()
+        return kinds, before, after, metrics, opt.algorithm.last_drift
+
+    results = run_exchange_threads(3, worker)
+    for kinds, before, after, metrics, _ in results:
+        for i, (_, b, a, _, drift) in enumerate(results):
+            assert metrics[f"replica{i}/gradient_steps"] == a["gradient_steps"] - b["gradient_steps"]
+            assert metrics[f"replica{i}/pseudo_syncs"] == a["pseudo_syncs"] - b["pseudo_syncs"]
+            assert metrics[f"replica{i}/sync_seconds"] >= 0
+            assert metrics[f"replica{i}/drift"] == drift > 0  # each replica's own drift at the sync after step 8
+        assert {k for k in metrics if k.startswith("replica")} == {f"replica{i}/{f}" for i in range(3) for f in FIELDS}
+    assert len({tuple(r[0]) for r in results}) > 1  # per-replica coins: the replicas ran different steps
