@@ -155,7 +155,8 @@ class PALSGDConfig:
     replica_metrics: bool = field(
         default=False,
         metadata={"help": "Gather every replica's drift, local steps, sync wait and step time at each sync (one "
-                  "small all-gather per sync) and log them as palsgd/replica{i}/... (palsgd_hf/core/replica_stats.py)."},
+                  "small all-gather per sync) and log them as palsgd/replica{i}/... "
+                  "(palsgd_hf/core/replica_stats.py)."},
     )
     comm_timeout_seconds: Optional[float] = field(
         default=None,
