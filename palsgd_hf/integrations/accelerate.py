@@ -47,7 +47,8 @@ Checkpoints: ``accelerator.save_state`` writes the model and optimizer of the ma
 and its registered objects (``custom_checkpoint_<i>.pkl``) from the main process only too. Between
 syncs every replica's weights and inner-optimizer state differ, so each rank also writes its own
 ``palsgd/rank_<r>.pt`` (local weights, inner optimizer, PALSGD state; the one per-rank state file
-of :mod:`palsgd_hf.state_files`, written atomically) from a save-state pre-hook.
+of :mod:`palsgd_hf.state_files`, written atomically) from a save-state pre-hook. For an FSDP2 model
+the weights and the optimizer's DTensor states are this rank's local shards (the adapter's ``local_*_state``).
 On ``load_state`` a registered object, loaded after accelerate restored rank 0's model and
 optimizer everywhere, reads the rank's own file back over them, so a resumed run continues exactly.
 """
