@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from .comm import Communicator, MeanExchange
+from .comm import Communicator, MeanExchange, exchange_from_state
 
 
 class PendingSync:
@@ -95,5 +95,5 @@ class PendingSync:
             )
         at_launch = [(torch.empty_like(a).pin_memory() if a.is_pinned() else torch.empty_like(a)).copy_(s)
                      for s, a in zip(saved, anchors)]
-        exchange = MeanExchange.from_state(comm, state["exchange"], device or anchors[0].device, feedback)
+        exchange = exchange_from_state(comm, state["exchange"], device or anchors[0].device, feedback)
         return cls(exchange, at_launch, int(state["launch_step"]), int(state["apply_step"]), int(state["advance_step"]))

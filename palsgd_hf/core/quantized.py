@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from .exchange import MeanExchange
 from .in_flight import InFlight
 
 if TYPE_CHECKING:
@@ -105,20 +106,15 @@ def _add_residual(x: torch.Tensor, residual: Optional[torch.Tensor], what: str) 
     x.add_(residual.to(x.dtype))
 
 
-class QuantizedMeanExchange:
-    """The mean over the group of one flat tensor, int8/int4 on the wire; the interface of ``MeanExchange``."""
+class QuantizedMeanExchange(MeanExchange):
+    """The mean over the group of one flat tensor, int8/int4 on the wire (the two phases of ``MeanExchange``)."""
 
     def __init__(self, comm: "Communicator", numel: int, dtype: torch.dtype, kind: str,
                  feedback: Optional[ErrorFeedback]):
-        n = comm.size
-        self.comm, self.numel, self.dtype, self.kind, self.feedback = comm, numel, dtype, kind, feedback
-        self.chunk = -(-max(numel, 1) // (n * QBLOCK)) * QBLOCK  # elements per rank's chunk
+        super().__init__(comm, numel, dtype, wire=None)
+        self.phase, self.kind, self.feedback = "scatter", kind, feedback
+        self.chunk = -(-max(numel, 1) // (comm.size * QBLOCK)) * QBLOCK  # elements per rank's chunk
         self.row = payload_bytes(self.chunk, kind) + 4 * (self.chunk // QBLOCK)  # message bytes per chunk
-        self.phase = "scatter"
-        self.seconds_blocked = 0.0
-        self._buffer: Optional[torch.Tensor] = None
-        self._flight = None
-        self._send: Optional[torch.Tensor] = None
 
     @classmethod
     def launch(cls, comm: "Communicator", flat: torch.Tensor, kind: str,
@@ -178,19 +174,9 @@ class QuantizedMeanExchange:
         self.phase = "done"
         return self._buffer
 
-    def drain(self) -> None:
-        self._wait_flight()
-
-    def _wait_flight(self) -> None:
-        if self._flight is not None:
-            self.seconds_blocked += self._flight.wait()
-            self._flight = None
-
     def state_dict(self) -> dict:
         """Drain, then the bytes of the current phase (the residuals are the algorithm's to save)."""
-        self.drain()
-        return {"wire": self.kind, "dtype": str(self.dtype).replace("torch.", ""), "numel": self.numel,
-                "phase": self.phase, "buffer": self._buffer.detach().cpu().clone()}
+        return {**super().state_dict(), "wire": self.kind}
 
     @classmethod
     def from_state(cls, comm: "Communicator", state: dict, device: torch.device,

@@ -270,15 +270,31 @@ def test_resume_in_the_middle_of_a_wait_continues_exactly(comm_dtype, overlap, s
     cfg = PALSGDConfig(sync_interval=8, pseudo_sync_prob=0.3, mixing_rate=2.0, warmup_steps=1,
                        overlap_steps=overlap, comm_dtype=comm_dtype)
 
+    def in_flight(opt):
+        assert opt.algorithm._pending is not None
+
+    for (w1, m1), (w2, m2) in resume_runs(cfg, stop_at, 19, at_save=in_flight):
+        assert m1["outer_syncs"] == 2
+
+
+SECONDS = ("comm_seconds", "sync_seconds_blocked", "comm_seconds_overlapped")
+
+
+def resume_runs(cfg: PALSGDConfig, stop_at: int, steps: int, at_save=None, workers: int = 2):
+    """Per worker: ((weights, metrics) uninterrupted, (weights, metrics) restarted from a checkpoint at ``stop_at``),
+    after checking that they agree: weights bit for bit, metrics except the seconds. ``at_save(opt)`` may check the
+    state being saved."""
+
     def straight(rank, comm):
         model, _, sched, opt = make(rank, comm, cfg)
-        train(model, opt, sched, rank, 0, 19)
+        train(model, opt, sched, rank, 0, steps)
         return weights(model), opt.algorithm.metrics()
 
     def interrupted(rank, comm):
         model, inner, sched, opt = make(rank, comm, cfg)
         train(model, opt, sched, rank, 0, stop_at)
-        assert opt.algorithm._pending is not None
+        if at_save is not None:
+            at_save(opt)
         saved = roundtrip({"model": model.state_dict(), "inner": inner.state_dict(), "sched": sched.state_dict(),
                            "palsgd": opt.algorithm.state_dict()})
         model, inner, sched, opt = make(rank, comm, cfg)  # fresh objects, as after a restart
@@ -286,14 +302,14 @@ def test_resume_in_the_middle_of_a_wait_continues_exactly(comm_dtype, overlap, s
         inner.load_state_dict(saved["inner"])
         sched.load_state_dict(saved["sched"])
         opt.algorithm.load_state_dict(saved["palsgd"])
-        train(model, opt, sched, rank, stop_at, 19)
+        train(model, opt, sched, rank, stop_at, steps)
         return weights(model), opt.algorithm.metrics()
 
-    seconds = ("comm_seconds", "sync_seconds_blocked", "comm_seconds_overlapped")
-    for (w1, m1), (w2, m2) in zip(run_exchange_threads(2, straight), run_exchange_threads(2, interrupted)):
+    pairs = list(zip(run_exchange_threads(workers, straight), run_exchange_threads(workers, interrupted)))
+    for (w1, m1), (w2, m2) in pairs:
         assert all(torch.equal(a, b) for a, b in zip(w1, w2))
-        assert {k: v for k, v in m1.items() if k not in seconds} == {k: v for k, v in m2.items() if k not in seconds}
-        assert m1["outer_syncs"] == 2
+        assert {k: v for k, v in m1.items() if k not in SECONDS} == {k: v for k, v in m2.items() if k not in SECONDS}
+    return pairs
 
 
 class _SlowWork:

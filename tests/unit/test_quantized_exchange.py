@@ -17,7 +17,7 @@ import math
 import pytest
 import torch
 
-from palsgd_hf.core.comm import MeanExchange
+from palsgd_hf.core.comm import exchange_from_state
 from palsgd_hf.core.quantized import QBLOCK, QMAX, ErrorFeedback, dequantize, quantize
 from tests.unit.test_comm_dtype import run_exchange_threads
 
@@ -158,7 +158,7 @@ def test_exchange_checkpoint_between_its_halves_resumes_to_the_same_mean(kind):
         ex = comm.mean_exchange_async(worker_vector(rank, 777), kind, fb2)
         state = ex.state_dict()
         assert state["phase"] == "scatter"
-        resumed = MeanExchange.from_state(comm, state, torch.device("cpu"), fb2).wait()
+        resumed = exchange_from_state(comm, state, torch.device("cpu"), fb2).wait()
         return straight, resumed, owned, fb2.owned
 
     for straight, resumed, owned, owned2 in run_exchange_threads(3, run):
@@ -184,30 +184,11 @@ def test_training_with_quantized_syncs_matches_the_float64_reference(kind, overl
 
 def test_resume_between_syncs_restores_the_residuals():
     from palsgd_hf import PALSGDConfig
-    from tests.unit.test_overlap import make, roundtrip, train, weights
+    from tests.unit.test_overlap import resume_runs
 
     cfg = PALSGDConfig(sync_interval=4, pseudo_sync_prob=0.3, mixing_rate=2.0, warmup_steps=1, comm_dtype="int8")
 
-    def straight(rank, comm):
-        model, _, sched, opt = make(rank, comm, cfg)
-        train(model, opt, sched, rank, 0, 19)
-        return weights(model), opt.algorithm.metrics()
-
-    def interrupted(rank, comm):
-        model, inner, sched, opt = make(rank, comm, cfg)
-        train(model, opt, sched, rank, 0, 10)  # two syncs done: residuals held
+    def holds_residuals(opt):  # two syncs done (after steps 4 and 8)
         assert opt.algorithm.feedback.sent is not None and opt.algorithm.feedback.owned is not None
-        saved = roundtrip({"model": model.state_dict(), "inner": inner.state_dict(), "sched": sched.state_dict(),
-                           "palsgd": opt.algorithm.state_dict()})
-        model, inner, sched, opt = make(rank, comm, cfg)
-        model.load_state_dict(saved["model"])
-        inner.load_state_dict(saved["inner"])
-        sched.load_state_dict(saved["sched"])
-        opt.algorithm.load_state_dict(saved["palsgd"])
-        train(model, opt, sched, rank, 10, 19)
-        return weights(model), opt.algorithm.metrics()
 
-    seconds = ("comm_seconds", "sync_seconds_blocked", "comm_seconds_overlapped")
-    for (w1, m1), (w2, m2) in zip(run_exchange_threads(2, straight), run_exchange_threads(2, interrupted)):
-        assert all(torch.equal(a, b) for a, b in zip(w1, w2))
-        assert {k: v for k, v in m1.items() if k not in seconds} == {k: v for k, v in m2.items() if k not in seconds}
+    resume_runs(cfg, stop_at=10, steps=19, at_save=holds_residuals)

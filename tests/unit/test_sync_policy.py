@@ -9,7 +9,6 @@ config and TrainingArguments refusals; and ``pull`` (c at the peak learning rate
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -20,6 +19,7 @@ from palsgd_hf.adapters import ModuleAdapter
 from palsgd_hf.core.sync_policy import AdaptiveSchedule, FixedSchedule, build_schedule
 from palsgd_hf.core.comm import LocalCommunicator
 from tests.helpers.threads import run_threads
+from tests.unit.test_core_state import roundtrip
 
 
 class FakeClock:
@@ -122,13 +122,6 @@ def train(model, opt, rank: int, start: int, stop: int, syncs: list) -> None:
         opt.zero_grad()
         if opt.algorithm.counters["outer_syncs"] > before:
             syncs.append((t + 1, opt.algorithm.schedule.interval))
-
-
-def roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
 
 
 def test_the_algorithm_follows_the_decisions_and_resumes_onto_the_same_schedule():
