@@ -100,7 +100,8 @@ class PALSGDConfig:
         metadata={"help": "c at the peak learning rate: the fraction of the way to the anchor a pseudo-sync step "
                   "moves the worker when the learning rate peaks, in (0, 1]; eta = pull*p/peak_lr is derived when "
                   "training starts (the Trainer reads the peak from its schedule, other loops from the optimizer's "
-                  "initial learning rate), so the pull no longer follows the learning rate you picked. Set this or "
+                  "initial learning rate: with a schedule that starts below its peak, e.g. OneCycleLR, use "
+                  "mixing_rate there), so the pull no longer follows the learning rate you picked. Set this or "
                   "mixing_rate, not both."},
     )
     warmup_steps: int = field(
@@ -187,8 +188,6 @@ class PALSGDConfig:
             )
         if self.pull is None and self.mixing_rate is None:
             self.mixing_rate = 1.0  # the paper's eta
-        if self.max_sync_interval is None and isinstance(self.sync_interval, int):
-            self.max_sync_interval = 8 * self.sync_interval
         self._validate()
 
     def _validate(self) -> None:
@@ -221,8 +220,9 @@ class PALSGDConfig:
                 f"comm_target={self.comm_target!r} must lie in (0, 1): it is the fraction of wall time the auto "
                 "sync policy lets syncs block; use e.g. 0.1."
             )
-        _check_int("max_sync_interval", self.max_sync_interval, minimum=self.sync_interval,
-                   fix=f"use at least sync_interval={self.sync_interval} (the default is 8 x sync_interval)")
+        if self.max_sync_interval is not None:
+            _check_int("max_sync_interval", self.max_sync_interval, minimum=self.sync_interval,
+                       fix=f"use at least sync_interval={self.sync_interval}, or leave it unset (8 x sync_interval)")
         _check_choice("outer_optimizer", self.outer_optimizer, OUTER_OPTIMIZERS)
         if not isinstance(self.outer_lr, (int, float)) or not self.outer_lr > 0:
             raise PALSGDConfigError(f"outer_lr={self.outer_lr!r} must be > 0; DiLoCo's default is 0.7.")
@@ -261,23 +261,23 @@ class PALSGDConfig:
         """``comm_timeout_seconds`` as a ``timedelta`` (None when unset: the caller's default applies)."""
         return None if self.comm_timeout_seconds is None else timedelta(seconds=float(self.comm_timeout_seconds))
 
-    def resolve_pull(self, peak_lr: float) -> None:
-        """With ``pull`` set: derive eta = pull*p/peak_lr (in place; once the peak learning rate is known).
+    def resolved(self, peak_lr: float) -> "PALSGDConfig":
+        """This config with eta set: ``self`` when it already is, else a copy with eta = pull*p/peak_lr.
 
-        A no-op when eta is already set (``mixing_rate``, or an earlier call), or when p = 0 (no pull).
+        The caller's config is left as it is (``pull`` set, eta not), so it can serve another run with
+        another learning rate.
         """
         if self.mixing_rate is not None:
-            return
+            return self
         p = self.pseudo_sync_prob
         if p == 0:
-            self.mixing_rate = 1.0  # never used: no pseudo-sync step
-            return
+            return dataclasses.replace(self, pull=None, mixing_rate=1.0)  # eta is never used: no pseudo-sync step
         if not peak_lr > 0:
             raise PALSGDConfigError(
                 f"pull={self.pull!r} needs a positive peak learning rate to derive eta = pull*p/peak_lr, got "
                 f"{peak_lr!r}; set the learning rate, or set mixing_rate (eta) instead of pull."
             )
-        self.mixing_rate = self.pull * p / float(peak_lr)
+        return dataclasses.replace(self, pull=None, mixing_rate=self.pull * p / float(peak_lr))
 
     def check_mixing_coefficient(self, lr: float) -> float:
         """Return c = lr*eta/p for a learning rate, or raise if it lies outside [0, 1].
@@ -290,7 +290,7 @@ class PALSGDConfig:
         if p == 0:
             return 0.0
         if self.mixing_rate is None:
-            raise PALSGDConfigError(f"pull={self.pull!r} is not resolved yet: call resolve_pull(peak_lr) first.")
+            raise PALSGDConfigError(f"pull={self.pull!r} is not resolved yet: use config.resolved(peak_lr).")
         c = float(lr) * self.mixing_rate / p
         if not 0.0 <= c <= 1.0:
             raise PALSGDConfigError(

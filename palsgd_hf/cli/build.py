@@ -23,6 +23,7 @@ from ..integrations.trainer import PALSGDTrainer
 from ..lm import build_causal_lm, build_lm_datasets, load_tokenizer, shakespeare_corpus
 from .recipe_spec import data_loader
 
+
 def build_trainer(recipe, callbacks: list) -> Any:
     """The trainer of ``recipe`` in this process (one rank of the job), with its arguments built here."""
     if recipe.spec.trainer == "causal_lm":
@@ -97,6 +98,9 @@ def load_rows(spec, *, seed: int):
 
     if spec.dataset_name is not None:
         loaded = load_dataset(spec.dataset_name, spec.dataset_config)
+        if "train" not in loaded:
+            raise ValueError(f"dataset_name={spec.dataset_name!r} has no 'train' split (it has {sorted(loaded)}); "
+                             "pick a dataset with one, or download it and pass train_files.")
         train, evals = loaded["train"], loaded.get("validation", loaded.get("test"))
     else:
         files = {"train": spec.train_files}

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_DIR = "outputs/chat-example"
 
 
-def write_chat_example(out_dir: str | Path, *, rows: int = 800, seed: int = 0, base_steps: int = 0) -> Path:
+def write_chat_example(out_dir: str | Path, *, rows: int = 800, seed: int = 0, base_steps: int = 300) -> Path:
     """Write the checkpoint (trained ``base_steps`` steps on "plus") and the "minus" data under ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def wrong_rows(path: str, trainer: str, text_column: str = "text") -> Optional[s
 def _first_row(path: Path) -> Optional[dict]:
     if path.suffix.lower() not in (".json", ".jsonl") or not path.is_file():
         return None
-    with path.open() as f:
+    with path.open(encoding="utf-8") as f:
         head = f.readline().strip()
     try:
         row = json.loads(head)

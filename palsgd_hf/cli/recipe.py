@@ -218,6 +218,9 @@ def _check_spec(source: str, spec: RecipeSpec, locator: _Locator, given: set[str
             data_loader(spec.train_files + (spec.validation_files or []))  # trl's rows are read by suffix
         except RecipeError as err:
             raise RecipeError(f"recipe {source}: {err}") from None
+    if not 1 <= spec.validation_split_percentage <= 99:
+        raise RecipeError(f"recipe {source}: validation_split_percentage={spec.validation_split_percentage} must "
+                          "lie in [1, 99] (the share of training rows held out when there are no validation files).")
     for key, minimum in (("block_size", 2), ("max_train_samples", 1), ("max_eval_samples", 1)):
         value = getattr(spec, key)
         if value is not None and value < minimum:

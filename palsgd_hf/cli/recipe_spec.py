@@ -11,17 +11,19 @@ dataclasses with one ``HfArgumentParser``.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from ..integrations.trainer_args import PALSGDTrainingArguments
 from .recipe_source import RecipeError
 
+Launcher = Literal["torchrun", "accelerate"]
+TrainerKind = Literal["causal_lm", "sft", "dpo"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
 DATASETS = ("shakespeare",)
-LAUNCHERS = ("torchrun", "accelerate")
-TRAINERS = ("causal_lm", "sft", "dpo")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+LAUNCHERS, TRAINERS, DTYPES = (typing.get_args(t) for t in (Launcher, TrainerKind, DType))
 # The keys that are mappings (checked as sections, not parsed as command-line values).
 SECTIONS = ("launch", "model_config", "peft")
 # Argument fields a recipe may not set: the recipe's own keys say these things.
@@ -37,7 +39,7 @@ class LaunchSpec:
     """How ``palsgd-hf train`` starts the processes of one node."""
 
     num_processes: int = field(default=2, metadata={"help": "Processes (workers) on this node."})
-    launcher: Literal["torchrun", "accelerate"] = field(default="torchrun", metadata={"help": f"One of {LAUNCHERS}."})
+    launcher: Launcher = field(default="torchrun", metadata={"help": f"One of {LAUNCHERS}."})
     accelerate_config: Optional[str] = field(
         default=None, metadata={"help": "An `accelerate config` YAML (launcher: accelerate only)."}
     )
@@ -48,13 +50,13 @@ class RecipeSpec:
     """The recipe keys that are not fields of the trainer's arguments class."""
 
     description: str = ""
-    trainer: Literal["causal_lm", "sft", "dpo"] = field(default="causal_lm", metadata={
+    trainer: TrainerKind = field(default="causal_lm", metadata={
         "help": "causal_lm: PALSGDTrainer on text blocks; sft / dpo: trl's trainers on chat / preference data."})
     model: Optional[str] = field(default=None, metadata={"help": "Pretrained model: Hub name or local dir."})
     model_preset: Optional[str] = field(default=None, metadata={
         "help": "palsgd_hf.lm model preset built from scratch."})
     model_config: Optional[dict] = field(default=None, metadata={"help": "Model config overrides."})
-    dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = field(default=None, metadata={
+    dtype: Optional[DType] = field(default=None, metadata={
         "help": "dtype a pretrained model loads in (from_pretrained's dtype); default: the model's float32."})
     attn_implementation: Optional[str] = field(default=None, metadata={
         "help": "from_pretrained's attn_implementation (eager, sdpa, flash_attention_2, ...)."})

@@ -81,10 +81,10 @@ class PALSGD(GlobalModelViews):
         anchor_device: Optional[torch.device] = None,
         guard: Optional[CollectiveGuard] = None,
     ):
-        self.config = config
         if config.mixing_rate is None:  # pull= set and no integration resolved it from its LR schedule
-            config.resolve_pull(max(float(g.options.get("initial_lr", g.options["lr"]))
-                                    for g in adapter.owned_groups()))
+            config = config.resolved(max(float(g.options.get("initial_lr", g.options["lr"]))
+                                         for g in adapter.owned_groups()))
+        self.config = config
         self.schedule = build_schedule(config)
         self.replica_stats = ReplicaStats() if config.replica_metrics else None
         self.adapter = adapter
@@ -317,6 +317,8 @@ class PALSGD(GlobalModelViews):
 
     def _launch_sync(self) -> None:
         """The first half of an overlapped sync: start the average, remember x_launch, keep training."""
+        if self._pending is not None:  # never two in flight (the auto schedule keeps H > d; this is the backstop)
+            self._apply_pending()
         tensors = self._owned_tensors()
         self._sync_buffers()
         exchange = self._exchange_pseudo_gradient(tensors)
@@ -352,6 +354,11 @@ class PALSGD(GlobalModelViews):
                 "resume from the last checkpoint with a lower learning_rate or outer_lr."
             )
         self.counters["skipped_syncs"] += 1
+        if self.feedback is not None:
+            # The residuals of the non-finite exchange hold NaN/inf: added to the next pseudo-gradient they would
+            # make every later mean non-finite, and every later sync would be skipped. Every peer saw the same mean,
+            # so all start over together.
+            self.feedback = ErrorFeedback()
         # The worker that diverged has non-finite inner-optimizer moments too; without this,
         # its next step would turn the restored weights non-finite again.
         reset = getattr(self.adapter, "reset_nonfinite_state", None)

@@ -99,7 +99,9 @@ def load(algo: "PALSGD", state: dict[str, Any]) -> None:
     if algo.replica_stats is not None and state.get("per_replica") is not None:
         algo.replica_stats.load_state_dict(state["per_replica"])
     if algo.feedback is not None and state.get("feedback") is not None:
-        algo.feedback.load_state_dict(state["feedback"], algo._owned_tensors()[0].device)
+        owned = algo._owned_tensors()
+        algo.feedback.load_state_dict(state["feedback"], owned[0].device, algo.peers.size,
+                                      sum(t.numel() for t in owned))
     algo._pending = None
     if state.get("pending_sync") is not None:
         device = algo._owned_tensors()[0].device

@@ -125,6 +125,8 @@ class Communicator:
         """Start averaging ``flat`` over the group, with ``wire`` (a value of :data:`WIRE_DTYPES`) on the wire;
         ``feedback`` carries the int8/int4 quantization residuals of this rank from one exchange to the next."""
         if isinstance(wire, str):
+            if self.size == 1:  # nobody to send to: the exact mean (the tensor itself), no quantization noise
+                return MeanExchange.launch(self, flat, None)
             return QuantizedMeanExchange.launch(self, flat, wire, feedback)
         return MeanExchange.launch(self, flat, wire)
 

@@ -5,7 +5,7 @@ With ``overlap_steps`` = d >= 1 the global sync that falls due when the step cou
 
 * launch, at count L (where the blocking sync would run):
   delta_k = x_bar - x_k exactly as in the blocking sync; start averaging it over the peers
-  (:class:`~palsgd_hf.core.comm.MeanExchange`, fp32 or bf16 on the wire); keep x_launch_k = x_k,
+  (:class:`~palsgd_hf.core.exchange.MeanExchange`, fp32, bf16, int8 or int4 on the wire); keep x_launch_k = x_k,
   a copy of the owned tensors in the anchor's dtype (fp32) and on the anchor's device.
 * wait, the next d steps (counts L+1 .. L+d): ordinary local steps. Pseudo-sync pulls aim at
   the OLD anchor x_bar: it is the latest complete global model. With bf16 on the wire the

@@ -21,6 +21,10 @@ exact means by the last residuals alone (mean over ranks of ``sent`` plus ``owne
 accumulated quantization errors (tests/unit/test_quantized_exchange.py checks this in float64).
 
 One message per chunk carries its integers and then its scales, so each phase is one collective.
+
+Memory: the residual of what a rank sends is one more copy of its owned tensors (in their dtype),
+kept between syncs; during a sync, the padded buffer and the messages add one more copy and ~1/4
+(int8) of one. With a single worker nothing is quantized (the mean is the tensor itself).
 """
 
 from __future__ import annotations
@@ -79,20 +83,40 @@ def decode(message: torch.Tensor, numel: int, kind: str, dtype: torch.dtype) -> 
     return dequantize(message[:size], message[size:].view(torch.float32), kind, dtype)
 
 
+def chunk_of(numel: int, workers: int) -> int:
+    """Elements of each rank's chunk: ``numel`` split over ``workers``, rounded up to whole blocks."""
+    return -(-max(numel, 1) // (workers * QBLOCK)) * QBLOCK
+
+
 @dataclass
 class ErrorFeedback:
-    """One rank's quantization residuals: of what it sends (phase 1) and of the mean chunk it owns (phase 2)."""
+    """One rank's quantization residuals: of what it sends (phase 1) and of the mean chunk it owns (phase 2).
+
+    ``layout`` = (workers, chunk) of the exchanges that produced them: the owned residual belongs to this
+    rank's chunk of that split, so a run resumed with another split must not reuse it.
+    """
 
     sent: Optional[torch.Tensor] = None
     owned: Optional[torch.Tensor] = None
+    layout: Optional[tuple[int, int]] = None
 
     def state_dict(self) -> dict:
-        return {k: None if v is None else v.detach().cpu().clone() for k, v in (("sent", self.sent),
-                                                                              ("owned", self.owned))}
+        return {"sent": None if self.sent is None else self.sent.detach().cpu().clone(),
+                "owned": None if self.owned is None else self.owned.detach().cpu().clone(),
+                "layout": self.layout}
 
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
+    def load_state_dict(self, state: dict, device: torch.device, workers: int, numel: int) -> None:
+        """Restore the residuals, refusing those of another split (``workers`` ranks, ``numel`` elements)."""
+        layout = state.get("layout")
+        if layout is not None and tuple(layout) != (workers, chunk_of(numel, workers)):
+            raise ValueError(
+                f"the checkpoint's int8/int4 residuals were made for {layout[0]} workers with chunks of {layout[1]} "
+                f"values, but this run has {workers} workers and chunks of {chunk_of(numel, workers)}; resume with "
+                "the same number of processes, shard layout and model."
+            )
         self.sent = None if state["sent"] is None else state["sent"].to(device)
         self.owned = None if state["owned"] is None else state["owned"].to(device)
+        self.layout = None if layout is None else tuple(layout)
 
 
 def _add_residual(x: torch.Tensor, residual: Optional[torch.Tensor], what: str) -> None:
@@ -103,7 +127,7 @@ def _add_residual(x: torch.Tensor, residual: Optional[torch.Tensor], what: str) 
             f"the saved {what} quantization residual has {residual.numel()} elements but this exchange has "
             f"{x.numel()}; resume with the same model, number of processes and shard layout."
         )
-    x.add_(residual.to(x.dtype))
+    x.add_(residual.to(x.device, x.dtype))
 
 
 class QuantizedMeanExchange(MeanExchange):
@@ -113,7 +137,7 @@ class QuantizedMeanExchange(MeanExchange):
                  feedback: Optional[ErrorFeedback]):
         super().__init__(comm, numel, dtype, wire=None)
         self.phase, self.kind, self.feedback = "scatter", kind, feedback
-        self.chunk = -(-max(numel, 1) // (comm.size * QBLOCK)) * QBLOCK  # elements per rank's chunk
+        self.chunk = chunk_of(numel, comm.size)  # elements per rank's chunk
         self.row = payload_bytes(self.chunk, kind) + 4 * (self.chunk // QBLOCK)  # message bytes per chunk
 
     @classmethod
@@ -125,13 +149,15 @@ class QuantizedMeanExchange(MeanExchange):
         padded[: flat.numel()].copy_(flat)
         if feedback is not None:
             _add_residual(padded[: flat.numel()], feedback.sent, "sent")
-        rows, decoded = [], []
-        for i in range(n):
-            message, values = encode(padded[i * ex.chunk:(i + 1) * ex.chunk], kind)
+            feedback.layout = (n, ex.chunk)
+        rows = []
+        for i in range(n):  # chunk by chunk, in place: one padded copy of the tensor at a time, not several
+            segment = padded[i * ex.chunk:(i + 1) * ex.chunk]
+            message, values = encode(segment, kind)
             rows.append(message)
-            decoded.append(values)
+            segment.sub_(values)  # what quantization dropped: the residual
         if feedback is not None:
-            feedback.sent = (padded - torch.cat(decoded))[: flat.numel()].clone()
+            feedback.sent = padded[: flat.numel()]
         send = torch.cat(rows).to(comm.device or flat.device)
         ex._buffer = torch.empty_like(send)
         if n > 1:

@@ -11,20 +11,20 @@ same shard in every replica), so every rank holds the rows of all replicas:
 * ``sync_seconds``: seconds blocked in this sync's exchange (the replica that arrived last waits least);
 * ``step_seconds``: median seconds of a local gradient step in the period (0 if none was timed).
 
-They are logged as ``palsgd/replica{i}/<name>``. Cost: one collective of 40 x replicas bytes per sync,
+They are logged as ``palsgd/replica{i}/<name>``. Cost: one all-gather per sync (each rank sends 40 bytes),
 counted in ``palsgd/comm_bytes``; off by default so that the bytes of a sync are the pseudo-gradient's.
 Under sharding (``shard_size`` > 1) the drift is that of the rank's own partition.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .comm import Communicator
+from .sync_policy import StepTimer
 
 FIELDS = ("drift", "gradient_steps", "pseudo_syncs", "sync_seconds", "step_seconds")
 
@@ -32,30 +32,24 @@ FIELDS = ("drift", "gradient_steps", "pseudo_syncs", "sync_seconds", "step_secon
 class ReplicaStats:
     """The rows of the last sync, one per replica, and what this rank counts toward its next row."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.rows: list[dict[str, float]] = []
         self._since: dict[str, int] = {"gradient_steps": 0, "pseudo_syncs": 0}
-        self._step_seconds: list[float] = []
-        self._last_end: float | None = None
+        self.timer = StepTimer(clock)
 
     def on_step_end(self, kind_counter: str) -> None:
         """After a local step (``kind_counter``: 'gradient_steps' or 'pseudo_syncs')."""
-        now = time.perf_counter()
         self._since[kind_counter] = self._since.get(kind_counter, 0) + 1
-        if kind_counter == "gradient_steps" and self._last_end is not None:
-            self._step_seconds.append(now - self._last_end)
-        self._last_end = now
+        self.timer.on_step_end(kind_counter == "gradient_steps")
 
     def gather(self, peers: Communicator, drift: float, sync_seconds: float) -> None:
         """Collective over ``peers`` (every rank, right after the same sync)."""
-        step = statistics.median(self._step_seconds) if self._step_seconds else 0.0
-        mine = torch.tensor([drift, self._since["gradient_steps"], self._since["pseudo_syncs"], sync_seconds, step],
-                            dtype=torch.float64)
+        mine = torch.tensor([drift, self._since["gradient_steps"], self._since["pseudo_syncs"], sync_seconds,
+                             self.timer.median()], dtype=torch.float64)
         rows = peers.all_gather_small(mine)
         self.rows = [dict(zip(FIELDS, row.tolist())) for row in rows]
         self._since = {"gradient_steps": 0, "pseudo_syncs": 0}
-        self._step_seconds.clear()
-        self._last_end = time.perf_counter()
+        self.timer.restart()
 
     def metrics(self) -> dict[str, float]:
         return {f"replica{i}/{name}": value for i, row in enumerate(self.rows) for name, value in row.items()}

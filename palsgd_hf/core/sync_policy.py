@@ -1,7 +1,7 @@
 """When the next global sync happens: every H steps (``fixed``), or at an interval set from measurements (``auto``).
 
-``sync_policy='fixed'``: a sync after step t when t mod H == 0 (t counts every step from 0, warm-up
-included), the paper's schedule.
+``sync_policy='fixed'``: a sync after step t when (t + 1) mod H == 0 (t counts every step from 0,
+warm-up included), the paper's schedule.
 
 ``sync_policy='auto'``: H is re-decided at every sync so that the *exposed* communication (the time
 every rank is blocked in the pseudo-gradient exchange) stays near a target fraction rho of the
@@ -14,18 +14,23 @@ so the fraction t_sync / ((1 - p) H t_step + t_sync) equals rho at
     H* = t_sync (1 - rho) / (rho (1 - p) t_step).
 
 The next interval is H* rounded up, moved at most a factor 2 from the current one (one noisy
-measurement cannot swing it), and kept within [overlap_steps + 1, max_sync_interval]. Quality
-guard: H may grow only while the workers' drift at the sync (relative distance of the local
-weights from the anchor) is at most twice the drift measured at the first sync, taken at the
-user's ``sync_interval``: longer intervals are allowed while they do not let the replicas wander
-further apart than the baseline did. The first period starts at the local phase and lasts
-``sync_interval`` steps (it is not shortened to a multiple of H as in the fixed schedule).
+measurement cannot swing it), and kept within [max(overlap_steps + 1, sync_interval / 8),
+max_sync_interval (default 8 x sync_interval)]: a link that costs nothing (one replica's node, a
+fully hidden overlapped exchange) does not drive H to 1, which would make the outer optimizer,
+tuned for its H, step every step. Quality guard: H may grow only while the workers' drift at the
+sync (relative distance of the local weights from the anchor) is at most twice the baseline drift,
+the largest drift measured while H was at most the user's ``sync_interval``: longer intervals are
+allowed while they do not let the replicas wander further apart than they did at the user's
+interval. The first period starts at the local phase and lasts ``sync_interval`` steps (it is
+not shortened to a multiple of H as in the fixed schedule). With one replica there is nothing to
+wait for and H stays.
 
 Agreement: every decision uses (t_step, t_sync, drift) maxed over all ranks by two tiny
-all-reduces (12 bytes) at the sync, which every rank reaches at the same step, so every replica
-decides the same H at the same step, deterministically given the measurements. The schedule's
-state (H, the next sync step, the baseline drift, the last measurements) is checkpointed, so a
-resumed run continues the same schedule. Every decision is logged at INFO and as palsgd/* metrics.
+all-reduces (3 float64 values each) at the sync, which every rank reaches at the same step, so
+every replica decides the same H at the same step, deterministically given the measurements. The
+schedule's state (H, the next sync step, the baseline drift, the last measurements) is
+checkpointed, so a resumed run continues the same schedule. Every decision is logged at INFO and
+as palsgd/* metrics.
 """
 
 from __future__ import annotations
@@ -45,12 +50,37 @@ logger = logging.getLogger(__name__)
 
 # At most this factor between consecutive intervals, up or down.
 MAX_CHANGE = 2.0
+# The interval stays within [sync_interval / MAX_RANGE, MAX_RANGE x sync_interval] (unless max_sync_interval says).
+MAX_RANGE = 8
 # H may grow while the drift at a sync is at most this multiple of the drift at the first sync.
 DRIFT_ALLOWANCE = 2.0
 
 
+class StepTimer:
+    """Median seconds of the local gradient steps of one period, timed between the ends of consecutive steps."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self._seconds: list[float] = []
+        self._last_end: Optional[float] = None
+
+    def restart(self) -> None:
+        """A new period starts now (after a sync, or at the local phase)."""
+        self._seconds.clear()
+        self._last_end = self.clock()
+
+    def on_step_end(self, gradient_step: bool) -> None:
+        now = self.clock()
+        if gradient_step and self._last_end is not None:
+            self._seconds.append(now - self._last_end)
+        self._last_end = now
+
+    def median(self) -> float:
+        return statistics.median(self._seconds) if self._seconds else 0.0
+
+
 class FixedSchedule:
-    """A sync after step t when t mod H == 0."""
+    """A sync after step t when (t + 1) mod H == 0 (``step`` below is t + 1, the steps taken)."""
 
     def __init__(self, config: PALSGDConfig):
         self.interval = config.sync_interval
@@ -85,28 +115,23 @@ class AdaptiveSchedule:
 
     def __init__(self, config: PALSGDConfig, clock: Callable[[], float] = time.perf_counter):
         self.config = config
-        self.clock = clock
         self.interval = config.sync_interval
-        self.low = config.overlap_steps + 1
-        self.high = config.max_sync_interval
+        self.low = max(config.overlap_steps + 1, math.ceil(config.sync_interval / MAX_RANGE))
+        self.high = config.max_sync_interval or MAX_RANGE * config.sync_interval
         self.next_sync: Optional[int] = None
         self.baseline_drift: Optional[float] = None
         self.decisions = 0
         self.last: dict[str, float] = {}  # the agreed measurements behind the last decision
-        self._step_seconds: list[float] = []
-        self._last_end: Optional[float] = None
+        self.timer = StepTimer(clock)
 
     def start(self, step: int) -> None:
         """The local phase starts before step ``step``: the first period is ``sync_interval`` steps."""
         if self.next_sync is None:  # a resumed run keeps the saved schedule
             self.next_sync = step + self.interval
-        self._last_end = self.clock()
+        self.timer.restart()
 
     def on_step_end(self, gradient_step: bool) -> None:
-        now = self.clock()
-        if gradient_step and self._last_end is not None:
-            self._step_seconds.append(now - self._last_end)
-        self._last_end = now
+        self.timer.on_step_end(gradient_step)
 
     def is_due(self, step: int) -> bool:
         return self.next_sync is not None and step >= self.next_sync
@@ -117,13 +142,13 @@ class AdaptiveSchedule:
 
     def after_sync(self, step: int, sync_seconds: float, drift: float, groups: tuple[Communicator, ...]) -> None:
         """Decide the next interval from the agreed measurements; the next sync is that many steps away."""
-        local_step = statistics.median(self._step_seconds) if self._step_seconds else 0.0
-        agreed = torch.tensor([local_step, float(sync_seconds), float(drift)], dtype=torch.float64)
+        agreed = torch.tensor([self.timer.median(), float(sync_seconds), float(drift)], dtype=torch.float64)
         for group in groups:  # peers (same shard, every replica), then the replica's own ranks
             agreed = group.all_reduce_max(agreed)
         t_step, t_sync, drift = (float(v) for v in agreed.tolist())
         previous = self.interval
-        self.interval = self.decide(previous, t_step, t_sync, drift)
+        if groups[0].size > 1:  # with one replica there is nothing to wait for: H stays
+            self.interval = self.decide(previous, t_step, t_sync, drift)
         self.next_sync = step + self.interval
         self.decisions += 1
         exposed = t_sync / ((1.0 - self.config.pseudo_sync_prob) * previous * t_step + t_sync) if t_sync > 0 else 0.0
@@ -134,20 +159,20 @@ class AdaptiveSchedule:
             step, previous, self.interval, t_step, t_sync, 100 * exposed, 100 * self.config.comm_target, drift,
             self.baseline_drift or 0.0, self.next_sync,
         )
-        self._step_seconds.clear()
-        self._last_end = self.clock()  # the next step's time starts after the sync
+        self.timer.restart()  # the next step's time starts after the sync
 
     def decide(self, current: int, t_step: float, t_sync: float, drift: float) -> int:
-        """The next interval (pure: the same inputs give the same H on every replica)."""
-        if self.baseline_drift is None:
-            self.baseline_drift = drift
+        """The next interval (the same inputs give the same H on every replica; updates the baseline drift)."""
+        if current <= self.config.sync_interval:  # the baseline: the replicas' drift at the user's interval
+            self.baseline_drift = max(self.baseline_drift or 0.0, drift)
         if t_step <= 0:
             return current  # no gradient step measured in the period (all pseudo-syncs): keep H
         rho, p = self.config.comm_target, self.config.pseudo_sync_prob
         wanted = t_sync * (1.0 - rho) / (rho * (1.0 - p) * t_step)
         target = max(1, math.ceil(wanted - 1e-9))
         target = min(max(target, math.ceil(current / MAX_CHANGE)), math.floor(current * MAX_CHANGE))
-        if target > current and drift > DRIFT_ALLOWANCE * self.baseline_drift:
+        baseline = self.baseline_drift or 0.0
+        if target > current and baseline > 0 and drift > DRIFT_ALLOWANCE * baseline:
             target = current  # quality guard: the replicas already drift twice as far as at the baseline
         return int(min(max(target, self.low), self.high))
 
@@ -163,8 +188,11 @@ class AdaptiveSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("policy") != "auto":
-            raise ValueError("the checkpoint's sync schedule is not sync_policy='auto'; resume with the same policy.")
-        self.interval = int(state["interval"])
+            raise ValueError(f"the checkpoint's sync schedule is sync_policy={state.get('policy')!r} but this run has "
+                             "sync_policy='auto'; resume with the checkpoint's policy.")
+        # Clamped to this run's bounds: a resume with a larger overlap_steps must not schedule a sync before
+        # the one in flight lands.
+        self.interval = min(max(int(state["interval"]), self.low), self.high)
         self.next_sync = None if state["next_sync"] is None else int(state["next_sync"])
         self.baseline_drift = state["baseline_drift"]
         self.decisions = int(state["decisions"])

@@ -130,7 +130,7 @@ class PALSGDTrainerMixin:
         """palsgd_pull = c at the peak: eta = pull*p/peak from the schedule's peak (before the algorithm exists)."""
         cfg = self.palsgd_config
         if cfg.mixing_rate is None:
-            cfg.resolve_pull(schedule_peak_lr(self.optimizer, self.lr_scheduler, self.state.max_steps))
+            self.palsgd_config = cfg.resolved(schedule_peak_lr(self.optimizer, self.lr_scheduler, self.state.max_steps))
 
     def _palsgd_announce(self) -> None:
         cfg = self.palsgd_config

@@ -192,3 +192,21 @@ def test_resume_between_syncs_restores_the_residuals():
         assert opt.algorithm.feedback.sent is not None and opt.algorithm.feedback.owned is not None
 
     resume_runs(cfg, stop_at=10, steps=19, at_save=holds_residuals)
+
+
+def test_a_skipped_sync_clears_the_residuals_so_later_syncs_apply():
+    """A NaN pseudo-gradient makes its block's residual NaN; kept, it would poison every later mean."""
+    from palsgd_hf import PALSGDConfig
+    from tests.helpers.threads import run_threads
+    from tests.unit.test_core_state import make, train
+
+    cfg = PALSGDConfig(sync_interval=5, pseudo_sync_prob=0.3, mixing_rate=1.0, warmup_steps=2, comm_dtype="int8")
+
+    def worker(rank, comm):
+        model, _, opt = make(rank, comm, cfg)
+        train(model, opt, rank, 0, 40, poison_at=7)  # rank 0's weights turn NaN at step 7
+        return opt.algorithm.metrics(), model.weight.detach().clone()
+
+    for metrics, weight in run_threads(2, worker):
+        assert metrics["skipped_syncs"] == 1 and metrics["outer_syncs"] == 7  # syncs after 10, 15, ..., 40
+        assert torch.isfinite(weight).all()

@@ -39,7 +39,7 @@ def _in_repo_root(monkeypatch):
 def chat_example_root(tmp_path_factory):
     """A directory holding outputs/chat-example/ (what `palsgd-hf chat-example` writes) for the sft recipes."""
     root = tmp_path_factory.mktemp("chat_root")
-    write_chat_example(root / "outputs" / "chat-example", rows=40)
+    write_chat_example(root / "outputs" / "chat-example", rows=40, base_steps=0)  # random base weights
     return root
 
 

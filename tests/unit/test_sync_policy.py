@@ -167,7 +167,7 @@ def test_auto_settings_are_checked():
         PALSGDConfig(sync_policy="auto", comm_target=1.5)
     with pytest.raises(PALSGDConfigError, match="max_sync_interval=8 must be an integer >= 16"):
         PALSGDConfig(sync_interval=16, max_sync_interval=8)
-    assert PALSGDConfig(sync_interval=16).max_sync_interval == 128
+    assert AdaptiveSchedule(auto(sync_interval=16)).high == 128 and AdaptiveSchedule(auto(sync_interval=16)).low == 2
     saved = PALSGD(PALSGDConfig(), ModuleAdapter(torch.nn.Linear(2, 1), torch.optim.SGD(
         torch.nn.Linear(2, 1).parameters(), lr=0.1))).state_dict()
     model = torch.nn.Linear(2, 1)
@@ -182,8 +182,9 @@ def test_pull_is_c_at_the_peak_learning_rate():
     with pytest.raises(PALSGDConfigError, match=r"pull=1.5 must lie in \(0, 1\]"):
         PALSGDConfig(pull=1.5)
     assert PALSGDConfig().mixing_rate == 1.0  # neither set: the paper's eta
-    cfg = PALSGDConfig(pull=0.03, pseudo_sync_prob=0.2)
-    cfg.resolve_pull(3e-3)
+    user = PALSGDConfig(pull=0.03, pseudo_sync_prob=0.2)
+    cfg = user.resolved(3e-3)
+    assert user.mixing_rate is None and user.pull == 0.03  # the caller's config serves other learning rates too
     # eta = c p / lr = 0.03 * 0.2 / 3e-3 = 2 (up to the rounding of three float operations: a few ulps)
     assert cfg.mixing_rate == pytest.approx(2.0, rel=4 * 2.0 ** -52)
     assert cfg.check_mixing_coefficient(3e-3) == pytest.approx(0.03, rel=8 * 2.0 ** -52)
@@ -234,3 +235,23 @@ def test_replica_metrics_hold_every_replicas_row_after_each_sync():
             assert metrics[f"replica{i}/drift"] == drift > 0  # each replica's own drift at the sync after step 8
         assert {k for k in metrics if k.startswith("replica")} == {f"replica{i}/{f}" for i in range(3) for f in FIELDS}
     assert len({tuple(r[0]) for r in results}) > 1  # per-replica coins: the replicas ran different steps
+
+
+def test_a_free_link_and_a_single_replica_do_not_drive_the_interval_to_one():
+    s = AdaptiveSchedule(auto(sync_interval=32))
+    intervals = [32]
+    for _ in range(6):  # nothing blocked: H* = 0, halved per decision, floored at sync_interval / 8
+        intervals.append(s.decide(intervals[-1], t_step=0.1, t_sync=0.0, drift=0.01))
+    assert intervals == [32, 16, 8, 4, 4, 4, 4]
+    one = AdaptiveSchedule(auto(sync_interval=8))
+    one.start(step=0)
+    one.after_sync(8, sync_seconds=5.0, drift=0.1, groups=(LocalCommunicator(),))
+    assert one.interval == 8 and one.next_sync == 16  # one replica: nobody to wait for, H stays
+
+
+def test_a_resume_with_a_larger_overlap_never_schedules_over_a_sync_in_flight():
+    saved = AdaptiveSchedule(auto(sync_interval=8))
+    saved.interval, saved.next_sync = 1, 20
+    resumed = AdaptiveSchedule(auto(sync_interval=8, overlap_steps=3))
+    resumed.load_state_dict(saved.state_dict())
+    assert resumed.interval == 4  # raised to overlap_steps + 1
