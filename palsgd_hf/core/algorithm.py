@@ -354,10 +354,7 @@ class PALSGD(GlobalModelViews):
                 "resume from the last checkpoint with a lower learning_rate or outer_lr."
             )
         self.counters["skipped_syncs"] += 1
-        if self.feedback is not None:
-            # The residuals of the non-finite exchange hold NaN/inf: added to the next pseudo-gradient they would
-            # make every later mean non-finite, and every later sync would be skipped. Every peer saw the same mean,
-            # so all start over together.
+        if self.feedback is not None:  # NaN residuals would make every later mean non-finite; all peers saw it
             self.feedback = ErrorFeedback()
         # The worker that diverged has non-finite inner-optimizer moments too; without this,
         # its next step would turn the restored weights non-finite again.
