@@ -26,6 +26,7 @@ the arguments are not :class:`PALSGDTrainingArguments`. The hooks, in the order 
 * ``evaluation_loop``: runs on the global model (the anchor) unless ``palsgd_eval_on='local'``.
 * ``save_model``: always writes the global model; ``_finalize_training`` first syncs a last time.
 * ``_save_optimizer_and_scheduler``: every rank writes ``palsgd_rank{R}.pt`` (checkpoint.py).
+* A model sharded with FSDP2 before the Trainer (``fully_shard(mesh=shard_mesh(S))``): fsdp_trainer.py.
 * Reliability (palsgd_hf/integrations/faults.py): ``train`` resumes only from a complete checkpoint
   (``resume_from_checkpoint=True`` skips ones a crash left half-written) and turns a collective that
   failed because another rank died or hung into a :class:`WorkerFaultError` naming the checkpoint to
@@ -49,15 +50,16 @@ from ..attach import build_algorithm
 from ..config import PALSGDConfig
 from ..core.algorithm import PALSGD, StepKind
 from ..core.optimizer import PALSGDOptimizer
-from . import checkpoint, faults
+from . import checkpoint, faults, fsdp_trainer
 from .accelerate import settle_skipped_inner_step
+from .fsdp_trainer import FSDP2TrainerMixin
 from .schedules import schedule_peak_lr
 from .trainer_args import PALSGDTrainingArguments, check_trainer_options, check_training_args, check_world
 
 logger = logging.getLogger(__name__)
 
 
-class PALSGDTrainerMixin:
+class PALSGDTrainerMixin(FSDP2TrainerMixin):
     """PALSGD for a ``transformers.Trainer`` subclass; put it first in the bases (see module doc)."""
 
     def __init__(self, *args: Any, palsgd_config: Optional[PALSGDConfig] = None, **kwargs: Any):
@@ -65,6 +67,7 @@ class PALSGDTrainerMixin:
         super().__init__(*args, **kwargs)
         _follow_transformers_logging(self.args.get_process_log_level())
         self.palsgd_config = resolve_palsgd_config(self.args, palsgd_config)
+        self._palsgd_fsdp_setup(self.palsgd_config)  # the model is known: shard size vs DeepSpeed / FSDP2
         self.palsgd: Optional[PALSGD] = None
         self._palsgd_computed_at_log = 0
         self._palsgd_peak_c: Optional[float] = None  # logged once, with the first training log
@@ -168,11 +171,15 @@ class PALSGDTrainerMixin:
     def _palsgd_local_state(self) -> dict[str, Any]:
         if self.is_deepspeed_enabled:
             return {}
+        if self._palsgd_fsdp:  # this rank's shards, as plain tensors
+            return fsdp_trainer.local_state(self.palsgd.adapter, self.optimizer)
         return {"model_state": self.model.state_dict(), "optimizer_state": self.optimizer.state_dict()}
 
     def _palsgd_load_local_state(self, state: dict[str, Any]) -> None:
         if self.is_deepspeed_enabled:
             return
+        if self._palsgd_fsdp:
+            return fsdp_trainer.load_local_state(self.palsgd.adapter, self.optimizer, state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
@@ -363,6 +370,7 @@ _HOOKS = (
     "_prepare_for_training", "get_batch_samples", "_get_num_items_in_batch", "training_step", "_clip_grad_norm",
     "_get_grad_norm", "_maybe_log_save_evaluate", "_finalize_training", "_save_optimizer_and_scheduler",
     "evaluation_loop", "save_model", "log", "floating_point_ops", "_save_rng_state", "train", "_load_best_model",
+    "_load_from_checkpoint", "_load_optimizer_and_scheduler", "_defer_fsdp_gradient_reduction",  # fsdp_trainer.py
 )
 
 

@@ -153,22 +153,16 @@ def check_training_args(config: PALSGDConfig, args: TrainingArguments) -> None:
     if getattr(args, "fsdp", None) or fsdp_from_launcher:
         where = f"fsdp={args.fsdp!r}" if getattr(args, "fsdp", None) else "ACCELERATE_USE_FSDP (accelerate --use_fsdp)"
         raise PALSGDConfigError(
-            f"{where} cannot be combined with PALSGD: PALSGDTrainer has no FSDP path yet (FSDP2 works in "
-            "hand-written loops and the Accelerate hooks, docs/fsdp.md); shard each worker with DeepSpeed ZeRO "
-            "(deepspeed=... and palsgd_shard_size) or train with plain DDP."
+            f"{where} cannot be combined with PALSGD: the Trainer's FSDP would shard over the whole world. Shard "
+            "the model yourself with fully_shard(module, mesh=palsgd_hf.adapters.fsdp.shard_mesh(palsgd_shard_size)) "
+            "before PALSGDTrainer (docs/fsdp.md), or shard each worker with DeepSpeed ZeRO (deepspeed=...)."
         )
     if _optimizer_name(args.optim) in _STEP_IN_BACKWARD:
         raise PALSGDConfigError(
             f"optim={_optimizer_name(args.optim).value!r} updates parameters inside backward, so PALSGD cannot "
             "scale or skip its step; use an optimizer with a step(), e.g. optim='adamw_torch'."
         )
-    # `accelerate launch --use_deepspeed` passes its DeepSpeed config through the environment, not `deepspeed=`.
-    deepspeed_from_launcher = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if config.shard_size > 1 and not args.deepspeed and not deepspeed_from_launcher:
-        raise PALSGDConfigError(
-            f"palsgd_shard_size={config.shard_size} needs DeepSpeed ZeRO to shard each worker's model copy, but "
-            "deepspeed is not set; pass deepspeed=<ZeRO config> or use palsgd_shard_size=1."
-        )
+    # palsgd_shard_size > 1 needs DeepSpeed or an FSDP2 model: checked once the model is known (check_model_sharding).
     if config.is_ddp:
         return
     _check_pull(config, args.learning_rate)
@@ -195,6 +189,29 @@ def check_training_args(config: PALSGDConfig, args: TrainingArguments) -> None:
             "include_num_input_tokens_seen=%r all-gathers a token count after every micro-batch, also between "
             "PALSGD syncs; set it to 'no' for local steps without any communication.",
             args.include_num_input_tokens_seen,
+        )
+
+
+def check_model_sharding(config: PALSGDConfig, args: TrainingArguments, fsdp2_model: bool) -> None:
+    """palsgd_shard_size > 1 needs each worker's model copy sharded: by DeepSpeed ZeRO or by FSDP2 (the model)."""
+    # `accelerate launch --use_deepspeed` passes its DeepSpeed config through the environment, not `deepspeed=`.
+    deepspeed = bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if fsdp2_model and deepspeed:
+        raise PALSGDConfigError(
+            "the model is sharded with FSDP2 (fully_shard) and deepspeed is set: shard with one of them; drop "
+            "deepspeed=... to train the FSDP2 model."
+        )
+    if config.shard_size > 1 and not deepspeed and not fsdp2_model:
+        raise PALSGDConfigError(
+            f"palsgd_shard_size={config.shard_size} needs each worker's model copy sharded, but deepspeed is not set "
+            "and the model is not an FSDP2 model; pass deepspeed=<ZeRO config>, or shard the model with "
+            "fully_shard(module, mesh=palsgd_hf.adapters.fsdp.shard_mesh(palsgd_shard_size)) first, or use "
+            "palsgd_shard_size=1."
+        )
+    if fsdp2_model and config.shard_size == 1 and args.world_size > 1:
+        raise PALSGDConfigError(
+            "the model is sharded with FSDP2 but palsgd_shard_size=1: set palsgd_shard_size to the ranks each "
+            "replica's mesh spans (fully_shard(module, mesh=shard_mesh(palsgd_shard_size)))."
         )
 
 

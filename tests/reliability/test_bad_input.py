@@ -21,7 +21,7 @@ import yaml
 from palsgd_hf import cli
 from palsgd_hf.config import PALSGDConfig, PALSGDConfigError
 from palsgd_hf.core.topology import Topology
-from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments, check_world
+from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments, check_model_sharding, check_world
 from palsgd_hf.cli.launch import LaunchError, check_accelerate_config
 from palsgd_hf.cli.launch import check_world as check_launch_world
 from palsgd_hf.cli.preflight import check_sources
@@ -84,8 +84,9 @@ CASES = [
      "peak learning_rate=0.1", "must lie in (0, 1]", "lower palsgd_mixing_rate to at most 2 "),
     ("p in the Trainer", lambda t: args(t, palsgd_pseudo_sync_prob=1.5), "palsgd_pseudo_sync_prob=1.5",
      "must lie in [0, 1)", "use p in"),
-    ("shard size without DeepSpeed", lambda t: args(t, palsgd_shard_size=2), "palsgd_shard_size=2",
-     "needs DeepSpeed ZeRO", "pass deepspeed=<ZeRO config>"),
+    ("shard size without DeepSpeed or FSDP2",
+     lambda t: check_model_sharding(PALSGDConfig(shard_size=2), args(t), fsdp2_model=False), "palsgd_shard_size=2",
+     "is not an FSDP2 model", "pass deepspeed=<ZeRO config>, or shard the model with fully_shard"),
     ("world not a multiple of the shard size", lambda t: check_world(PALSGDConfig(shard_size=3), 4),
      "has 4 processes", "not a multiple of palsgd_shard_size=3", "launch a multiple of 3 processes"),
     ("zero collective timeout", lambda t: args(t, palsgd_comm_timeout_seconds=0), "palsgd_comm_timeout_seconds=0",
@@ -95,7 +96,7 @@ CASES = [
     ("optimizer stepping in backward", lambda t: args(t, optim="lomo"), "optim='lomo'", "inside backward",
      "optim='adamw_torch'"),
     ("FSDP", lambda t: args(t, fsdp="full_shard"), "fsdp=", "cannot be combined with PALSGD",
-     "shard each worker with DeepSpeed ZeRO"),
+     "mesh=palsgd_hf.adapters.fsdp.shard_mesh(palsgd_shard_size)) before PALSGDTrainer"),
     ("unknown eval_on", lambda t: args(t, palsgd_eval_on="both"), "palsgd_eval_on='both'", "is not one of",
      "pick one"),
     # ---- recipes: keys, types, files

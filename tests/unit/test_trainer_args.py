@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from palsgd_hf.config import PALSGDConfig, PALSGDConfigError
 from palsgd_hf.integrations import checkpoint
 from palsgd_hf.integrations.trainer import resolve_palsgd_config
-from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments, prefixed
+from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments, check_model_sharding, prefixed
 
 
 def make(tmp_path, **kwargs):
@@ -73,7 +74,6 @@ BAD = [
     (dict(learning_rate=0.5, palsgd_pseudo_sync_prob=0.2),
      "at the peak learning_rate=0.5: mixing coefficient c = lr*eta/p = 0.5*1/0.2 = 2.5 must lie in (0, 1]; "
      "lower palsgd_mixing_rate to at most 0.4"),
-    (dict(palsgd_shard_size=2), "palsgd_shard_size=2 needs DeepSpeed ZeRO"),
     (dict(fsdp="full_shard"), "fsdp='full_shard' cannot be combined with PALSGD"),
     (dict(optim="lomo"), "optim='lomo' updates parameters inside backward"),
     (dict(palsgd_eval_on="anchor"), "palsgd_eval_on='anchor' is not one of"),
@@ -86,6 +86,19 @@ def test_contradictions_are_refused_naming_the_palsgd_field(tmp_path, kwargs, me
     with pytest.raises(PALSGDConfigError) as err:
         make(tmp_path, **kwargs)
     assert message in str(err.value)
+
+
+def test_shard_size_needs_deepspeed_or_an_fsdp2_model(tmp_path):
+    """Checked where the model is known (PALSGDTrainer.__init__), not by the arguments alone."""
+    args = make(tmp_path)
+    with pytest.raises(PALSGDConfigError, match="palsgd_shard_size=2 needs each worker's model copy sharded"):
+        check_model_sharding(PALSGDConfig(shard_size=2), args, fsdp2_model=False)
+    check_model_sharding(PALSGDConfig(shard_size=2), args, fsdp2_model=True)
+    with pytest.raises(PALSGDConfigError, match="and deepspeed is set: shard with one of them"):
+        check_model_sharding(PALSGDConfig(shard_size=2), SimpleNamespace(deepspeed="zero2.json", world_size=4),
+                             fsdp2_model=True)
+    with pytest.raises(PALSGDConfigError, match="sharded with FSDP2 but palsgd_shard_size=1"):
+        check_model_sharding(PALSGDConfig(), SimpleNamespace(deepspeed=None, world_size=4), fsdp2_model=True)
 
 
 def test_weak_pull_and_all_warmup_runs_are_flagged(tmp_path, caplog):
