@@ -84,6 +84,7 @@ def test_auto_sync_interval_and_pull_through_the_trainer(tmp_path):
 def test_train_runs_an_sft_lora_recipe_on_a_local_checkpoint(tmp_path):
     pytest.importorskip("trl")
     peft = pytest.importorskip("peft")
+    import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -91,14 +92,17 @@ def test_train_runs_an_sft_lora_recipe_on_a_local_checkpoint(tmp_path):
     check(run_cli("chat-example", "--rows", "200", "--base-steps", "0", cwd=tmp_path))
     out = tmp_path / "run"
     # With packing (SFTConfig's field, through the recipe): rows packed into max_length sequences, which
-    # the tests of tests/distributed/test_trl.py do not use.
+    # the tests of tests/distributed/test_trl.py do not use. And a QLoRA-style frozen base: the checkpoint loads
+    # in bf16 (the recipe's dtype key), the adapter trains in fp32 (peft's default), and only it is pulled and synced.
     proc = run_cli("train", str(ROOT / "recipes" / "sft" / "palsgd_lora.yaml"), *SMALL[:6], "--packing", "true",
+                   "--dtype", "bfloat16",
                    "--palsgd_warmup_steps", "4", "--palsgd_sync_interval", "4", "--output_dir", str(out), cwd=tmp_path)
     check(proc)
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["global_steps"] == 12 and math.isfinite(result["final_eval_loss"])
     adapter = load_file(out / "adapter_model.safetensors")  # save_model wrote the global adapter only
     trainable = sum(t.numel() for t in adapter.values())
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
     for r in result["palsgd_per_rank"]:
         assert r["warmup_steps"] == 4 and r["outer_syncs"] == 2
         # Only the adapter crosses the wire, in fp32: each warm-up all-reduce and each sync send it once.
