@@ -2,7 +2,8 @@
 
 * ``causal_lm``: text cut into ``block_size`` token blocks (:func:`palsgd_hf.lm.build_lm_datasets`),
   a preset built from scratch or a pretrained model, ``PALSGDTrainer``; LoRA through ``peft``'s
-  ``get_peft_model`` when the recipe has a ``peft:`` mapping.
+  ``get_peft_model`` when the recipe has a ``peft:`` mapping; with ``fsdp2: true`` the model is sharded with
+  FSDP2 over each worker's ranks before the Trainer sees it.
 * ``sft`` / ``dpo``: rows loaded as they are (JSON lines, JSON, Parquet, CSV or a Hub dataset) and
   handed to trl's ``SFTTrainer`` / ``DPOTrainer`` with PALSGD, which tokenize them (chat templates,
   ``assistant_only_loss``, packing: SFTConfig's fields); trl loads the model by name with the recipe's
@@ -19,6 +20,7 @@ from typing import Any
 from transformers import default_data_collator
 
 from ..devices import cpu_only
+from ..integrations.fsdp_trainer import shard_model
 from ..integrations.trainer import PALSGDTrainer
 from ..lm import build_causal_lm, build_lm_datasets, load_tokenizer, shakespeare_corpus
 from .recipe_spec import data_loader
@@ -57,6 +59,8 @@ def _causal_lm_trainer(recipe, callbacks: list) -> PALSGDTrainer:
         )
     if model is None:
         model = _causal_lm(recipe, tokenizer, args.seed)  # on GPUs, inside zero.Init under ZeRO-3
+    if spec.fsdp2:  # after the arguments: they start torch.distributed, which the replica meshes need
+        shard_model(model, args.palsgd_shard_size)
     return PALSGDTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=default_data_collator, processing_class=tokenizer, callbacks=callbacks,

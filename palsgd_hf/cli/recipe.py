@@ -167,6 +167,7 @@ def _build(source: str, locator: _Locator, raw: dict[str, Any]) -> Recipe:
     launch = parse_section(source, "launch", LaunchSpec, raw.get("launch"))
     _check_spec(source, spec, locator, given=set(flat))
     _check_launch(source, launch, locator, training)
+    _check_fsdp2(source, spec, training)
     if training.get("deepspeed") is not None and isinstance(training["deepspeed"], str):
         training["deepspeed"] = locator.resolve("deepspeed", training["deepspeed"])
     training.setdefault("output_dir", os.path.join("outputs", locator.path.stem))
@@ -276,6 +277,20 @@ def _check_launch(source: str, launch: LaunchSpec, locator: _Locator, training: 
         raise RecipeError(
             f"recipe {source}: launch.num_processes={launch.num_processes} is not a multiple of palsgd_shard_size="
             f"{shard}; every PALSGD worker needs palsgd_shard_size ranks."
+        )
+
+
+def _check_fsdp2(source: str, spec: RecipeSpec, training: dict[str, Any]) -> None:
+    if not spec.fsdp2:
+        return
+    clash = {f"trainer: {spec.trainer}": spec.trainer != "causal_lm", "deepspeed": bool(training.get("deepspeed")),
+             "peft": spec.peft is not None, "palsgd_shard_size: 1": training.get("palsgd_shard_size", 1) == 1}
+    found = [key for key, bad in clash.items() if bad]
+    if found:
+        raise RecipeError(
+            f"recipe {source}: fsdp2: true cannot go with {', '.join(found)}: FSDP2 shards a causal_lm model (no "
+            "LoRA) over palsgd_shard_size > 1 ranks per worker, in place of DeepSpeed; set palsgd_shard_size to "
+            "the ranks per worker and drop the others, or drop fsdp2."
         )
 
 

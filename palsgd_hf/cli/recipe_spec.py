@@ -74,6 +74,9 @@ class RecipeSpec:
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
     validation_split_percentage: int = 5
+    fsdp2: bool = field(default=False, metadata={
+        "help": "causal_lm: shard each worker's model over its palsgd_shard_size ranks with FSDP2 (fully_shard per "
+        "block) before the Trainer, instead of DeepSpeed ZeRO (docs/fsdp.md)."})
     save_final_model: bool = field(default=True, metadata={
         "help": "trainer.save_model() (the global model) at the end."})
 

@@ -3,7 +3,7 @@
     mesh = shard_mesh(args.palsgd_shard_size)            # after the arguments (they start torch.distributed)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh)                         # or: shard_model(model, args.palsgd_shard_size)
     trainer = PALSGDTrainer(model=model, args=args, ...)  # palsgd_shard_size=S, no deepspeed, no fsdp=
 
 accelerate 1.15 has no FSDP mode on CPU and shards over the whole world on GPUs, so the Trainer
@@ -130,6 +130,25 @@ class FSDP2TrainerMixin:
         if self.lr_scheduler is not None and os.path.isfile(path):
             with warnings.catch_warnings(record=True):
                 self.lr_scheduler.load_state_dict(torch.load(path, weights_only=True))
+
+
+def shard_model(model: torch.nn.Module, shard_size: int) -> torch.nn.Module:
+    """``fully_shard`` each block (the classes in ``model._no_split_modules``, as accelerate's FSDP wraps them) and
+    the root over ``shard_mesh(shard_size)``. Collective: every rank, after ``torch.distributed`` is up."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ..adapters.fsdp import shard_mesh
+
+    mesh = shard_mesh(shard_size)
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if m is not model and type(m).__name__ in names]
+    if not blocks:
+        logger.warning("%s names no blocks (_no_split_modules): FSDP2 shards it as one unit, so every forward "
+                       "all-gathers the whole model at once.", type(model).__name__)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def local_state(adapter, optimizer) -> dict[str, Any]:

@@ -181,3 +181,24 @@ def test_train_zero_recipe_two_workers_of_two_ranks(tmp_path, stage):
     assert ranks[0]["pseudo_syncs"] == ranks[1]["pseudo_syncs"] and ranks[2]["pseudo_syncs"] == ranks[3]["pseudo_syncs"]
     assert all(r["outer_syncs"] == 2 for r in ranks)
     assert 0 < result["final_eval_loss"] < math.log(2048)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_train_fsdp2_recipe_two_workers_of_two_shards(tmp_path):
+    """recipes/shakespeare-tiny/palsgd_fsdp2.yaml: fsdp2: true shards each worker's model over its 2 ranks."""
+    out = tmp_path / "run"
+    proc = run_cli("train", "recipes/shakespeare-tiny/palsgd_fsdp2.yaml", *SMALL, "--output_dir", str(out),
+                   timeout=380)
+    check(proc)
+    result = json.loads((out / "result.json").read_text())
+    ranks = result["palsgd_per_rank"]
+    assert result["world_size"] == 4 and len(ranks) == 4 and result["global_steps"] == 12
+    assert ranks[0]["pseudo_syncs"] == ranks[1]["pseudo_syncs"] and ranks[2]["pseudo_syncs"] == ranks[3]["pseudo_syncs"]
+    # Replica 1 sends its shard (half the fp32 model) per warm-up step and per sync, plus the 4-byte finite flag
+    # its 2 shards agree on at each sync (replica 0 also broadcast its shards at the start).
+    half = 4 * 247168 // 2
+    assert ranks[2]["comm_bytes"] == ranks[3]["comm_bytes"] == (4 + 2) * half + 2 * 4
+    assert all(r["outer_syncs"] == 2 for r in ranks)
+    assert 0 < result["final_eval_loss"] < math.log(2048)
+    assert (out / "model.safetensors").is_file()

@@ -118,6 +118,8 @@ CASES = [
     ("Hub dataset offline, not cached",
      lambda t: check_sources(recipe("--dataset", "null", "--dataset_name", "nobody-xyz/no-such-dataset")),
      "dataset_name='nobody-xyz/no-such-dataset'", "not in the Hugging Face cache", "HF_HUB_OFFLINE"),
+    ("fsdp2 without shards", lambda t: recipe("--fsdp2", "true"), "fsdp2: true",
+     "cannot go with palsgd_shard_size: 1", "set palsgd_shard_size to the ranks per worker"),
     ("recipe processes vs shard size", lambda t: recipe("--palsgd_shard_size", "3"), "launch.num_processes=2",
      "not a multiple of palsgd_shard_size=3", "palsgd_shard_size ranks"),
     ("unknown launcher", lambda t: recipe("--launch.launcher", "mpirun"), "launch.launcher='mpirun'",
