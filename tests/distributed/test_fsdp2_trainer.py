@@ -5,8 +5,9 @@
 processes reading the same blocks per replica (sequential sampling, twice the per-rank batch;
 fsdp2_trainer_run.py). Same coins, learning rates and losses; weights within the fp32 bound; replicas
 bitwise equal after every sync; a sync sends exactly half the reference's bytes per rank; save_model
-writes the global model (read back equal on every rank, reloadable with ``from_pretrained``); and a run
-resumed from a checkpoint between two syncs (replicas differ there) ends bit-identical (slow).
+writes the global model (read back equal on every rank, reloadable with ``from_pretrained``). Slow: a run
+resumed from a checkpoint between two syncs (replicas differ there) ends bit-identical; gradient
+accumulation matches the unsharded run too.
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def losses(result, after: int = 0) -> dict:
 
 
 def test_fsdp2_trainer_matches_the_unsharded_trainer(ddp, fsdp):
-    _, runs = fsdp
+    check_equivalent(fsdp[1], ddp)
+
+
+def check_equivalent(runs: list, ddp: list) -> None:
     for r in runs:
         ref = ddp[r["replica"]]
         assert (r["adapter"], r["wrapped"]) == ("FSDPAdapter", "FSDPGPTNeoForCausalLM")  # no DDP around it
@@ -106,6 +110,17 @@ def test_save_model_writes_the_global_model_readable_on_every_rank(fsdp):
     names = {p.name for p in ckpt.iterdir()}
     assert {f"palsgd_rank{k}.pt" for k in range(4)} | {"model.safetensors", "scheduler.pt"} <= names
     assert "optimizer.pt" not in names  # the inner optimizer's shards live in the per-rank files
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_matches_the_unsharded_trainer(tmp_path):
+    """2 micro-batches per step: FSDP2's reduce-scatter waits for the last one (as DDP's no_sync), so a warm-up
+    step still sends one gradient shard per rank. Same blocks per replica and micro-batch as the reference."""
+    ddp = run(tmp_path / "ddp", 2, "--shard-size", "1", "--bs", "2", "--ga", "2")
+    runs = run(tmp_path / "fsdp", 4, "--shard-size", "2", "--bs", "1", "--ga", "2")
+    check_equivalent(runs, ddp)
+    for r in runs:
+        assert r["rows"][1]["peer_bytes"] - r["rows"][0]["peer_bytes"] == 2 * ddp[0]["owned_numel"]
 
 
 @pytest.mark.slow
