@@ -104,7 +104,7 @@ class Store:
         """Costs of one worker's micro-batch at this K, measured once per (preset, batch, K)."""
         key = f"{spec.preset}/{spec.global_batch}/{spec.workers}"
         if key not in self.costs:
-            c = measure_costs(spec, repeats=25)
+            c = measure_costs(spec, repeats=40)
             self.costs[key] = dict(dataclasses.asdict(c), load=os.getloadavg()[0])
             self.costs_path.write_text(json.dumps(self.costs, indent=1))
         fields = {f.name for f in dataclasses.fields(Costs)}
@@ -160,7 +160,7 @@ def grid_table(store: Store, args) -> tuple[str, Optional[dict]]:
     settings: dict[str, dict] = {}
     for rec in store.runs.values():
         sp = rec["spec"]
-        if sp["steps"] != args.steps or (sp["workers"], sp["lr"]) not in cells:
+        if sp["steps"] != args.steps or sp["seed"] != args.seed or (sp["workers"], sp["lr"]) not in cells:
             continue
         s = setting_of(sp)
         name = setting_name(s)
@@ -191,6 +191,25 @@ def grid_table(store: Store, args) -> tuple[str, Optional[dict]]:
     return text, (settings[pick] if pick else None)
 
 
+def noise_line(store: Store, pick: dict, args, execute: bool) -> str:
+    """The pick rerun with another seed (model init and coins; same data) in every cell: the noise floor."""
+    gaps = []
+    for k in args.workers:
+        for lr in args.lrs:
+            spec = spec_of(pick, k, lr, args)
+            other = dataclasses.replace(spec, seed=args.seed + 1)
+            if key_of(spec) not in store.runs or (key_of(other) not in store.runs and not execute):
+                continue
+            if execute and past(args.deadline):
+                break
+            a, b = store.run(spec)["evals"][-1][1], store.run(other)["evals"][-1][1]
+            gaps.append(abs(b / a - 1))
+    if not gaps:
+        return ""
+    return (f"Seed noise (the pick rerun with seed {args.seed + 1}: another initialization and coins, same data) "
+            f"in {len(gaps)} cells: |loss change| mean {sum(gaps) / len(gaps):.2%}, max {max(gaps):.2%}.\n")
+
+
 def scale_settings(pick: dict) -> list[tuple[str, dict]]:
     hw = dict(sync_interval=pick["sync_interval"], warmup_steps=pick["warmup_steps"])
     outer = dict(outer_lr=pick["outer_lr"], outer_momentum=pick["outer_momentum"])
@@ -200,9 +219,11 @@ def scale_settings(pick: dict) -> list[tuple[str, dict]]:
 
 
 def scale_runs(store: Store, pick: dict, args, execute: bool) -> dict:
-    """{(K, method): [(rec, costs)...]} for the scale table; runs what is missing when ``execute``."""
+    """{(K, method): (DDP's final loss, runs)} for the scale table; runs what is missing when ``execute``
+    (until ``--deadline``: later runs are left out of the table)."""
     out = {}
     for k in args.scale_workers:
+        execute = execute and not past(args.deadline)
         ddp = spec_of(dict(method="ddp"), k, args.scale_lr, args)
         if not execute and key_of(ddp) not in store.runs:
             continue
@@ -211,13 +232,14 @@ def scale_runs(store: Store, pick: dict, args, execute: bool) -> dict:
             recs = []
             for factor in (1, 2) if setting["method"] != "ddp" else (1,):
                 spec = dataclasses.replace(spec_of(setting, k, args.scale_lr, args), steps=args.steps * factor)
-                if not execute and key_of(spec) not in store.runs:
+                if key_of(spec) not in store.runs and not (execute and not past(args.deadline)):
                     break
                 rec = store.run(spec)
                 recs.append(rec)
                 if min(loss for _, loss in rec["evals"]) <= target:
                     break
-            out[(k, name)] = (target, recs, store.cost(ddp) if execute or store.costs else None)
+            if recs:
+                out[(k, name)] = (target, recs)
     return out
 
 
@@ -225,7 +247,7 @@ def scale_table(store: Store, pick: dict, args) -> str:
     runs = scale_runs(store, pick, args, execute=False)
     head = " | ".join(f"modeled s to DDP's loss, {link.name} (x DDP)" for link in LINKS)
     lines = [f"| K | method | steps run | final eval loss | {head} |", "|---:|---|---:|---:|" + "---:|" * len(LINKS)]
-    for (k, name), (target, recs, _) in sorted(runs.items(), key=lambda kv: kv[0][0]):
+    for (k, name), (target, recs) in sorted(runs.items(), key=lambda kv: kv[0][0]):
         costs = store.cost(spec_of(dict(method="ddp"), k, args.scale_lr, args))
         ddp_recs = runs.get((k, "DDP"))[1]
         cells = []
@@ -254,7 +276,7 @@ def plot(store: Store, pick: dict, args, path: Path) -> None:
         costs = store.cost(spec_of(dict(method="ddp"), k, args.scale_lr, args))
         for i, link in enumerate(LINKS):
             ax = axes[i][j]
-            for (kk, name), (target, recs, _) in runs.items():
+            for (kk, name), (target, recs) in runs.items():
                 if kk != k:
                     continue
                 rec = recs[-1]
@@ -314,9 +336,11 @@ def main(argv: Optional[Iterable[str]] = None) -> None:
         sys.exit("no PALSGD setting has runs in every cell yet: run the grid first")
     if args.phase in ("scale", "all") and not past(args.deadline):
         scale_runs(store, pick, args, execute=True)
+        noise_line(store, pick, args, execute=True)
     report = (f"Modeled times: compute measured here (costs.json), communication modeled per link. "
               f"{args.steps} steps, global batch {args.global_batch} x 64 tokens, preset {args.preset}.\n\n"
-              f"## Sweep (final eval loss after {args.steps} steps; gap to the cell's best PALSGD)\n\n{table}\n"
+              f"## Sweep (final eval loss after {args.steps} steps; gap to the cell's best PALSGD)\n\n{table}"
+              f"{noise_line(store, pick, args, execute=False)}\n"
               f"## Scale (peak LR {args.scale_lr:g}; MODELED seconds to DDP's final eval loss)\n\n"
               f"{scale_table(store, pick, args)}\n")
     (args.out / "report.md").write_text(report)
