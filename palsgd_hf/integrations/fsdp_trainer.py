@@ -107,6 +107,8 @@ class FSDP2TrainerMixin:
             tied = {n for n, v in self.model.state_dict(keep_vars=True).items() if first.setdefault(id(v), n) != n}
             self._save(output_dir, state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()
                                                if k not in tied})
+        if self.args.push_to_hub and not _internal_call:  # as the stock save_model
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self._palsgd_fsdp:

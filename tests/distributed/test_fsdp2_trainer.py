@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.helpers.bounds import U_FP32, l2, linear_lr_sum, sgd_rounding_bound
 from tests.helpers.launch import torchrun
@@ -110,6 +111,11 @@ def test_save_model_writes_the_global_model_readable_on_every_rank(fsdp):
     names = {p.name for p in ckpt.iterdir()}
     assert {f"palsgd_rank{k}.pt" for k in range(4)} | {"model.safetensors", "scheduler.pt"} <= names
     assert "optimizer.pt" not in names  # the inner optimizer's shards live in the per-rank files
+    # Saved between the syncs at 4 and 8 (replicas differ there): the global model of the sync at 4, bit for bit.
+    saved = load_file(ckpt / "model.safetensors")
+    assert runs[0]["synced"][0][0] == 4
+    anchor = torch.tensor(runs[0]["synced"][0][1])
+    assert torch.equal(torch.cat([saved[k].flatten() for k in runs[0]["names"]]), anchor)
 
 
 @pytest.mark.slow

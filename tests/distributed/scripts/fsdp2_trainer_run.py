@@ -150,7 +150,7 @@ def main() -> None:
         "metrics": trainer.palsgd.metrics(), "global_step": trainer.state.global_step,
         "adapter": type(trainer.palsgd.adapter).__name__, "wrapped": type(trainer.model_wrapped).__name__,
         "owned_numel": sum(t.numel() for g in trainer.palsgd.adapter.owned_groups() for t in g.tensors),
-        "checkpoints": sorted(p.name for p in Path(args.run_dir).glob("checkpoint-*")),
+        "names": list(final), "checkpoints": sorted(p.name for p in Path(args.run_dir).glob("checkpoint-*")),
     }))
     dist.barrier()
     dist.destroy_process_group()
