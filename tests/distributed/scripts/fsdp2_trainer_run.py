@@ -45,6 +45,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--optim", default="sgd", help="the inner optimizer (TrainingArguments.optim)")
     ap.add_argument("--save-steps", type=int, default=0)
     ap.add_argument("--resume", default=None)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments.bf16)")
+    ap.add_argument("--overlap-steps", type=int, default=0)
     return ap.parse_args()
 
 
@@ -111,7 +113,8 @@ def main() -> None:
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         train_sampling_strategy="sequential", use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
         palsgd_sync_interval=args.H, palsgd_pseudo_sync_prob=args.p, palsgd_warmup_steps=args.warmup,
-        palsgd_mixing_rate=1.0, palsgd_shard_size=args.shard_size,
+        palsgd_mixing_rate=1.0, palsgd_shard_size=args.shard_size, bf16=args.bf16,
+        palsgd_overlap_steps=args.overlap_steps,
     )  # starts torch.distributed (gloo)
     rank, world = training_args.process_index, training_args.world_size
     tokenizer = load_tokenizer("bpe-shakespeare-2048")
