@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Iterable, Optional
@@ -185,7 +186,7 @@ def grid_table(store: Store, args) -> tuple[str, Optional[dict]]:
     pick = min(palsgd, key=lambda n: worst[n]) if palsgd else None
     within = [n for n in palsgd if worst[n] <= 0.02]
     text = "\n".join(lines) + "\n\n"
-    text += (f"Gaps are to the best PALSGD setting of the cell. Within 2 % in every cell: "
+    text += _wrap(f"Gaps are to the best PALSGD setting of the cell. Within 2 % in every cell: "
              f"{', '.join(sorted(within, key=lambda n: worst[n])) or 'none'}.\n"
              f"Smallest worst-case gap (the pick for the scale table): {pick} ({worst[pick]:+.1%}).\n" if pick else "")
     return text, (settings[pick] if pick else None)
@@ -206,8 +207,13 @@ def noise_line(store: Store, pick: dict, args, execute: bool) -> str:
             gaps.append(abs(b / a - 1))
     if not gaps:
         return ""
-    return (f"Seed noise (the pick rerun with seed {args.seed + 1}: another initialization and coins, same data) "
+    return _wrap(f"Seed noise (the pick rerun with seed {args.seed + 1}: another initialization and coins, same data) "
             f"in {len(gaps)} cells: |loss change| mean {sum(gaps) / len(gaps):.2%}, max {max(gaps):.2%}.\n")
+
+
+def _wrap(text: str) -> str:
+    """Prose lines of the report kept under 120 characters (tables are left alone)."""
+    return "".join(textwrap.fill(line, 118, break_long_words=False) + "\n" for line in text.splitlines())
 
 
 def scale_settings(pick: dict) -> list[tuple[str, dict]]:
