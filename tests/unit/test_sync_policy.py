@@ -181,7 +181,9 @@ def test_pull_is_c_at_the_peak_learning_rate():
         PALSGDConfig(pull=0.03, mixing_rate=1.0)
     with pytest.raises(PALSGDConfigError, match=r"pull=1.5 must lie in \(0, 1\]"):
         PALSGDConfig(pull=1.5)
-    assert PALSGDConfig().mixing_rate == 1.0  # neither set: the paper's eta
+    default = PALSGDConfig()  # neither set: c = 0.1 at the peak learning rate (BENCHMARKS.md's sweep)
+    assert default.pull == 0.1 and default.mixing_rate is None
+    assert PALSGDConfig(method="diloco").mixing_rate == 1.0 and PALSGDConfig(method="diloco").pull is None
     user = PALSGDConfig(pull=0.03, pseudo_sync_prob=0.2)
     cfg = user.resolved(3e-3)
     assert user.mixing_rate is None and user.pull == 0.03  # the caller's config serves other learning rates too

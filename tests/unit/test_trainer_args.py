@@ -71,7 +71,7 @@ BAD = [
     (dict(palsgd_sync_interval=0), "palsgd_sync_interval=0 must be an integer >= 1"),
     (dict(palsgd_sync_interval=4, palsgd_overlap_steps=4),
      "palsgd_overlap_steps=4 must be smaller than palsgd_sync_interval=4"),
-    (dict(learning_rate=0.5, palsgd_pseudo_sync_prob=0.2),
+    (dict(learning_rate=0.5, palsgd_pseudo_sync_prob=0.2, palsgd_mixing_rate=1.0),
      "at the peak learning_rate=0.5: mixing coefficient c = lr*eta/p = 0.5*1/0.2 = 2.5 must lie in (0, 1]; "
      "lower palsgd_mixing_rate to at most 0.4"),
     (dict(fsdp="full_shard"), "fsdp='full_shard' cannot be combined with PALSGD"),
@@ -103,8 +103,12 @@ def test_shard_size_needs_deepspeed_or_an_fsdp2_model(tmp_path):
 
 def test_weak_pull_and_all_warmup_runs_are_flagged(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="palsgd_hf"):
-        make(tmp_path, learning_rate=2e-5, max_steps=100, palsgd_warmup_steps=10)
+        make(tmp_path, learning_rate=2e-5, max_steps=100, palsgd_warmup_steps=10, palsgd_mixing_rate=1.0)
     assert "almost no pull toward the global model" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="palsgd_hf"):  # the default: c = palsgd_pull at any learning rate
+        make(tmp_path, learning_rate=2e-5, max_steps=100, palsgd_warmup_steps=10)
+    assert "almost no pull" not in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="palsgd_hf"):
         make(tmp_path, learning_rate=0.01, max_steps=20, palsgd_warmup_steps=32)
