@@ -68,7 +68,8 @@ def test_every_recipe_parses_and_validates(path, request, monkeypatch):
     assert named == {method}, f"{source}: runs method={method!r} but its name mentions {sorted(named)}"
     if method == "palsgd":
         config = recipe.training_arguments(bf16=False, fp16=False, palsgd_shard_size=1).palsgd_config()
-        c = config.check_mixing_coefficient(recipe.training["learning_rate"])
+        peak = recipe.training["learning_rate"]
+        c = config.resolved(peak).check_mixing_coefficient(peak)  # the default pull: eta derived from the peak
         assert 0.01 <= c <= 0.1, f"{source}: pull c = lr*eta/p = {c} at the peak LR; aim for 0.01-0.1"
 
 
