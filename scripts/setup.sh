@@ -8,5 +8,5 @@ PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "$TORCH_SPEC" -e ".[demo,bench,deepspeed,trl,peft,dev]"
+.venv/bin/python -m pip install -q "$TORCH_SPEC" -e ".[demo,bench,deepspeed,trl,peft,ft,dev]"
 echo "palsgd_hf installed in $(pwd)/.venv"
