@@ -1,0 +1,213 @@
+"""One replica's place in a fault-tolerant PALSGD run: its torchft Manager, its PALSGD, its (re)join.
+
+    session = FaultTolerantSession(FaultToleranceConfig(lighthouse=..., replica_id=r, replicas=3))
+    optimizer = session.wrap_optimizer(model, torch.optim.AdamW(model.parameters()), PALSGDConfig(...))
+    session.join()                                  # first quorum: same start, or a live peer's state
+    while optimizer.algorithm.step < total_steps:   # the step may jump forward when this replica rejoins
+        batch = batch_for(optimizer.algorithm.step)
+        if optimizer.algorithm.step_kind() is not StepKind.PSEUDO_SYNC:
+            model(batch).loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+    optimizer.algorithm.finalize(); session.shutdown()
+
+Each replica is its own process with its own ``torch.distributed`` world (or none); the replicas meet
+only in PALSGD's exchanges, which go through :class:`~.communicator.ManagedCommunicator`. The
+session starts this replica's TCP store (torchft's reconfigurable gloo group rendezvous there) and a
+``Manager`` with a synchronous quorum, and hands it :class:`~.transfer.StateTransfer`'s state fns.
+
+:meth:`FaultTolerantSession.join` runs one quorum before the first step. At a fresh start every
+replica takes the first replica's state (torchft's ``init_sync``), so all start identical. A replica
+(re)started while the others train waits there for their next exchange, takes a live peer's state
+and resumes at the peer's point: inside a sync it runs that sync with a zero contribution (its
+anchor then equals the others' bit for bit); inside a warm-up step it continues that step.
+
+Supported: one process per replica, a plain module, blocking fp32 exchanges at a fixed interval
+(the settings that need other collectives are refused before any work, naming the fix).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..adapters.module import ModuleAdapter
+from ..config import PALSGDConfig, PALSGDConfigError
+from ..core.algorithm import PALSGD
+from ..core.comm import LocalCommunicator
+from ..core.optimizer import PALSGDOptimizer
+from .communicator import ManagedCommunicator
+from .settings import FaultToleranceConfig
+from .transfer import StateTransfer
+
+logger = logging.getLogger(__name__)
+
+
+class _IdenticalStart:
+    """The replica's adapter, declared to start identical: join() gives every replica the first one's
+    weights, so the local phase needs no broadcast (a collective the managed group does not carry)."""
+
+    starts_identical = True
+
+    def __init__(self, inner: ModuleAdapter):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class FaultTolerantSession:
+    """This replica's torchft Manager and the PALSGD it drives (see the module docstring)."""
+
+    def __init__(self, settings: FaultToleranceConfig):
+        try:
+            from torchft import Manager, ProcessGroupGloo
+        except ImportError as e:  # the optional extra
+            raise ImportError("the fault-tolerant mode needs torchft: pip install 'palsgd_hf[ft]'") from e
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise PALSGDConfigError(
+                f"the fault-tolerant mode runs one process per replica, but this replica's torch.distributed world has "
+                f"{dist.get_world_size()} ranks; launch each replica as its own single process (torchrun "
+                "--nproc_per_node 1 per replica, or none)."
+            )
+        self.settings = settings
+        # The store torchft's gloo groups rendezvous in when this replica hosts a quorum: a free port.
+        self._store = dist.TCPStore(settings.hostname, 0, is_master=True, wait_for_workers=False)
+        self.manager = Manager(
+            pg=ProcessGroupGloo(timeout=settings.timeout),
+            load_state_dict=self._restore,
+            state_dict=self._capture,
+            min_replica_size=settings.min_replicas,
+            use_async_quorum=False,  # a quorum (and a state transfer) completes before the exchange it serves
+            timeout=settings.timeout,
+            quorum_timeout=settings.quorum_timeout,
+            connect_timeout=settings.timeout,
+            rank=0,
+            world_size=1,
+            store_addr=settings.hostname,
+            store_port=self._store.port,
+            lighthouse_addr=settings.lighthouse,
+            replica_id=f"palsgd_{settings.replica_id}",
+            hostname=settings.hostname,
+            init_sync=True,  # a fresh start takes the first replica's state: identical replicas
+        )
+        self.comm = ManagedCommunicator(self.manager, settings)
+        self.transfer: Optional[StateTransfer] = None
+        self.algorithm: Optional[PALSGD] = None
+        self._gradient_steps_at_sync = 0
+
+    # ------------------------------------------------------------------ building
+    def wrap_optimizer(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: PALSGDConfig,
+        extra_state: Optional[dict[str, Any]] = None,
+    ) -> PALSGDOptimizer:
+        """``optimizer`` wrapped so that each ``step()`` is a PALSGD step whose exchanges are managed.
+
+        ``extra_state``: name -> object with ``state_dict()``/``load_state_dict()`` (an LR scheduler, a
+        sampler) that a rejoining replica takes from its peer along with the PALSGD state.
+        """
+        _check_supported(model, config)
+        adapter = ModuleAdapter(model, optimizer, None)
+        self.algorithm = PALSGD(
+            config, _IdenticalStart(adapter), peers=self.comm, replica=LocalCommunicator(),
+            replica_index=self.settings.replica_id,
+            anchor_device=torch.device("cpu") if config.anchor_device == "cpu" else None,
+        )
+        self.transfer = StateTransfer(self.algorithm, optimizer, self.comm, self.settings.replica_id)
+        for key, obj in (extra_state or {}).items():
+            self.transfer.register(key, obj.state_dict, obj.load_state_dict)
+        self.comm.position_of = lambda call, numel: (call, numel, self.transfer.phase())
+        self.comm.exchange_weight = self._exchange_weight
+        self.comm.on_commit = self._on_commit
+        return PALSGDOptimizer(optimizer, self.algorithm)
+
+    def _exchange_weight(self) -> float:
+        return float(self.algorithm.counters["gradient_steps"] - self._gradient_steps_at_sync)
+
+    def _on_commit(self, call: str) -> None:
+        if call == "exchange":
+            self._gradient_steps_at_sync = self.algorithm.counters["gradient_steps"]
+
+    def _capture(self) -> dict:
+        return self._require_built().capture()
+
+    def _restore(self, state: dict) -> None:
+        self._require_built().restore(state)
+        self._gradient_steps_at_sync = self.algorithm.counters["gradient_steps"]
+
+    def _require_built(self) -> StateTransfer:
+        if self.transfer is None:
+            raise RuntimeError("call FaultTolerantSession.wrap_optimizer(...) before join(): the replica has no state")
+        return self.transfer
+
+    # ------------------------------------------------------------------ joining
+    def join(self) -> None:
+        """The first quorum of this replica (collective with the others' next exchange; see the module docstring)."""
+        self._require_built()
+        for attempt in range(1, self.settings.max_attempts + 1):
+            self.comm.position = ("join", 0, "join")
+            self.comm.start_quorum()
+            peer = self.comm.healed_at
+            if self.manager.errored() is None and peer is not None and peer[0] != "join":
+                # The others are inside an exchange and wait for us in it: resume at their point.
+                self.comm.quorum_ready = True
+                logger.info("replica %d rejoins at step %d (the others are at %s)",
+                            self.settings.replica_id, self.algorithm.step, tuple(peer))
+                if peer[2] == "sync":
+                    self.algorithm.sync()  # its first exchange uses this quorum, with a zero contribution
+                return
+            self.comm.healed_at = None
+            if self.manager.should_commit():
+                self.comm.participants = self.manager.num_participants()
+                logger.info("replica %d joined a quorum of %d replicas at step %d", self.settings.replica_id,
+                            self.comm.participants, self.algorithm.step)
+                return
+            logger.warning("replica %d: join attempt %d failed (%s); retrying", self.settings.replica_id, attempt,
+                           self.manager.errored())
+        raise RuntimeError(
+            f"replica {self.settings.replica_id} could not join in {self.settings.max_attempts} quorums; see the "
+            "torchft errors above (the peer serving the state died, or the lighthouse is unreachable)."
+        )
+
+    # ------------------------------------------------------------------ reporting, ending
+    def metrics(self) -> dict[str, float]:
+        """ft/* values: replicas in the last exchange, state transfers, retried exchanges, torchft's step."""
+        return {
+            "participants": float(self.comm.participants),
+            "rejoins": float(self.transfer.received if self.transfer else 0),
+            "states_served": float(self.transfer.served if self.transfer else 0),
+            "failed_attempts": float(self.comm.failed_attempts),
+            "managed_steps": float(self.manager.current_step()),
+        }
+
+    def shutdown(self) -> None:
+        self.manager.shutdown(wait=False)
+
+
+def _check_supported(model: torch.nn.Module, config: PALSGDConfig) -> None:
+    """Refuse, before any work, the settings whose collectives the managed exchange does not carry."""
+    refused = {
+        "overlap_steps": (config.overlap_steps != 0, "0 (blocking syncs)"),
+        "comm_dtype": (config.comm_dtype != "fp32", "'fp32'"),
+        "sync_policy": (config.sync_policy != "fixed", "'fixed'"),
+        "replica_metrics": (bool(config.replica_metrics), "False"),
+        "shard_size": (config.shard_size != 1, "1 (one process per replica)"),
+        "fragments": (getattr(config, "fragments", 1) != 1, "1"),
+    }
+    for name, (bad, fix) in refused.items():
+        if bad:
+            raise PALSGDConfigError(
+                f"{name}={getattr(config, name)!r} is not supported by the fault-tolerant mode (each exchange is one "
+                f"managed fp32 all-reduce); use {name}={fix}, or run without fault tolerance."
+            )
+    if type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
+        raise PALSGDConfigError(
+            f"the fault-tolerant mode got a {type(model).__name__}; it runs one process per replica with a plain "
+            "module: pass the module itself."
+        )
+
