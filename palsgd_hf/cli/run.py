@@ -36,10 +36,18 @@ logger = logging.getLogger(__name__)
 
 
 class RunRecorder(TrainerCallback):
-    """Eval and train losses over optimizer steps and wall-clock seconds since training began."""
+    """Eval and train losses over optimizer steps and wall-clock seconds since training began.
+
+    Each evaluation also records what the demo's link model needs (palsgd_hf/cli/demo_link.py):
+    ``train_s``, the seconds since training began less the time spent in evaluations so far
+    (including this one), and this rank's ``comm_bytes`` / ``comm_calls`` so far (the same counters
+    as ``palsgd/comm_bytes`` in result.json, which count DDP's gradient buckets too).
+    """
 
     def __init__(self) -> None:
         self.start: Optional[float] = None
+        self.eval_seconds = 0.0
+        self.trainer = None  # set by run() once built: its PALSGD algorithm holds the traffic counters
         self.evals: list[dict[str, float]] = []
         self.train_losses: list[dict[str, float]] = []
 
@@ -51,11 +59,25 @@ class RunRecorder(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if metrics and "eval_loss" in metrics:
-            self.evals.append({"step": state.global_step, "elapsed_s": self._elapsed(), "eval_loss": metrics["eval_loss"]})
+            elapsed = self._elapsed()
+            self.eval_seconds += float(metrics.get("eval_runtime", 0.0))
+            self.evals.append({
+                "step": state.global_step, "elapsed_s": elapsed, "eval_loss": metrics["eval_loss"],
+                "train_s": max(0.0, elapsed - self.eval_seconds), **self._traffic(),
+            })
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.train_losses.append({"step": state.global_step, "elapsed_s": self._elapsed(), "loss": logs["loss"]})
+
+    def _traffic(self) -> dict[str, float]:
+        """This rank's bytes and collectives sent so far (empty without PALSGD: no counters to read)."""
+        algo = getattr(self.trainer, "palsgd", None)
+        if algo is None:
+            return {}
+        # Local counters only (no collective): safe at any evaluation, on any subset of ranks.
+        calls = sum(getattr(getattr(c, "stats", None), "calls", 0) for c in (algo.peers, algo.replica))
+        return {"comm_bytes": algo.metrics()["comm_bytes"], "comm_calls": float(calls)}
 
 
 def run(recipe: Recipe) -> dict[str, Any]:
@@ -64,6 +86,7 @@ def run(recipe: Recipe) -> dict[str, Any]:
     check_world(recipe.launch.num_processes)
     recorder = RunRecorder()
     trainer = build_trainer(recipe, callbacks=[recorder])
+    recorder.trainer = trainer
     args = trainer.args
     output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     final = trainer.evaluate()
@@ -82,7 +105,8 @@ def _result(recipe, args, trainer, output, final, recorder, began) -> dict[str, 
     per_rank = _gather(palsgd)
     world = args.world_size
     steps = output.global_step
-    computed = sum(r.get("warmup_steps", 0) + r.get("gradient_steps", 0) for r in per_rank) if per_rank else steps * world
+    computed = (sum(r.get("warmup_steps", 0) + r.get("gradient_steps", 0) for r in per_rank) if per_rank
+                else steps * world)
     tokens_read, tokens_computed = None, None
     if recipe.spec.trainer == "causal_lm":
         micro = args.per_device_train_batch_size * recipe.spec.block_size  # tokens in one micro-batch of one rank

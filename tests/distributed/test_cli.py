@@ -138,7 +138,8 @@ def test_demo_tiny_trains_ddp_and_palsgd_and_reports(tmp_path):
     proc = run_cli("demo", "--tiny", "--output_dir", str(out), timeout=400)
     check(proc)
     table = proc.stdout
-    assert "method" in table and "perplexity" in table and "MB sent/rank" in table
+    assert "method" in table and "MB sent/rank" in table and "to DDP's loss, modeled s" in table
+    assert "Link: EMULATED 100 MBIT/S (modeled, not measured)" in table and "modeled s @100Mbit" in table
     assert any(line.startswith("ddp ") for line in table.splitlines())
     assert any(line.startswith("palsgd ") for line in table.splitlines())
     png = out / "loss_curves.png"
@@ -151,6 +152,38 @@ def test_demo_tiny_trains_ddp_and_palsgd_and_reports(tmp_path):
     assert palsgd["tokens_computed"] < ddp["tokens_computed"] and palsgd["tokens_read"] == ddp["tokens_read"]
     for r in (ddp, palsgd):
         assert r["world_size"] == 2 and math.isfinite(r["final_eval_loss"]) and r["eval_history"]
+    check_demo_link_figures(summary)
+
+
+def check_demo_link_figures(summary: dict) -> None:
+    """The emulated link's figures in summary.json agree with the runs' own counters and curves."""
+    from palsgd_hf.cli.demo_link import Link, compare
+
+    ddp_loss = summary["ddp"]["final_eval_loss"]
+    for method, r in summary.items():
+        m, history = r["modeled"], r["eval_history"]
+        assert m["link"]["mbit"] == 100.0 and m["link"]["emulated"] and m["target_loss"] == ddp_loss
+        assert all(h["comm_bytes"] >= 0 and 0 <= h["train_s"] <= h["elapsed_s"] for h in history)
+        # Counters only grow; the last evaluation saw every byte result.json counts.
+        assert [h["comm_bytes"] for h in history] == sorted(h["comm_bytes"] for h in history)
+        assert history[-1]["comm_bytes"] == pytest.approx(r["palsgd"]["comm_bytes"])
+        # modeled = measured + this rank's bytes x 8 / 100 Mbit/s (2 processes: the ring charges them once)
+        assert m["modeled_s"] - m["measured_s"] == pytest.approx(r["palsgd"]["comm_bytes"] * 8 / 100e6)
+        assert all(p["modeled_s"] >= p["measured_s"] for p in m["curve"]) and m["modeled_s"] > m["measured_s"]
+        assert m["curve"][-1]["eval_loss"] == r["final_eval_loss"]
+        if m["reached"]:  # time to DDP's loss is a point of the modeled curve at or below it
+            hit = next(p for p in m["curve"] if p["step"] == m["time_to_target_step"])
+            assert hit["modeled_s"] == m["time_to_target_s"] and hit["eval_loss"] <= ddp_loss + 1e-6
+        else:
+            assert r["final_eval_loss"] > ddp_loss and m["x_ddp"] is None
+    assert summary["ddp"]["modeled"]["reached"] and summary["ddp"]["modeled"]["x_ddp"] == 1.0
+    # DDP all-reduces once or more per step; PALSGD is charged less link time
+    assert summary["ddp"]["eval_history"][-1]["comm_calls"] >= summary["ddp"]["global_steps"]
+    assert summary["palsgd"]["modeled"]["modeled_s"] - summary["palsgd"]["modeled"]["measured_s"] < (
+        summary["ddp"]["modeled"]["modeled_s"] - summary["ddp"]["modeled"]["measured_s"])
+    # Without a link the same runs are modeled at their measured seconds.
+    off = compare(summary, Link(None))
+    assert all(p["modeled_s"] == p["measured_s"] for m in off.values() for p in m["curve"])
 
 
 @pytest.mark.slow
