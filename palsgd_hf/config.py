@@ -147,6 +147,13 @@ class PALSGDConfig:
         metadata={"help": "d >= 1: launch the pseudo-gradient all-reduce without blocking and apply the "
                   "outer update d steps later, keeping the local progress made meanwhile. 0 = block."},
     )
+    fragments: int = field(
+        default=1,
+        metadata={"help": "F: cut the owned values into F fragments synced at staggered steps (fragment i when "
+                  "(t+1) mod H == floor(i*H/F), each with its own outer step), so one sync sends 1/F of the model "
+                  "(Streaming DiLoCo). 1 = the whole model at once. Needs F <= H, overlap_steps < H/F and "
+                  "sync_policy='fixed'."},
+    )
     comm_dtype: str = field(
         default="fp32",
         metadata={"help": f"Dtype of the pseudo-gradient on the wire: one of {COMM_DTYPES} (bf16 halves "
@@ -254,10 +261,33 @@ class PALSGDConfig:
                 f"comm_timeout_seconds={t!r} must be a positive number of seconds (finite); use e.g. 600, or leave "
                 "it unset for the default (the Trainer's ddp_timeout)."
             )
+        _check_int("fragments", self.fragments, minimum=1, fix="use 1 (whole-model syncs) or F <= sync_interval")
+        if self.fragments > 1 and self.method != "ddp":
+            self._check_fragments()
         if self.overlap_steps >= self.sync_interval and self.method != "ddp":
             raise PALSGDConfigError(
                 f"overlap_steps={self.overlap_steps} must be smaller than sync_interval={self.sync_interval}: "
                 "an outer update must land before the next sync starts; lower overlap_steps."
+            )
+
+    def _check_fragments(self) -> None:
+        f, h = self.fragments, self.sync_interval
+        if f > h:
+            raise PALSGDConfigError(
+                f"fragments={f} must be at most sync_interval={h}: each fragment needs its own step of the period; "
+                f"lower fragments or raise sync_interval."
+            )
+        if self.sync_policy != "fixed":
+            raise PALSGDConfigError(
+                f"fragments={f} needs sync_policy='fixed' (got {self.sync_policy!r}): the auto policy decides one "
+                "interval for the whole model; use fragments=1 with 'auto'."
+            )
+        gap = h // f
+        if self.overlap_steps >= gap:
+            raise PALSGDConfigError(
+                f"overlap_steps={self.overlap_steps} must be smaller than sync_interval/fragments = {h}/{f} -> {gap} "
+                "steps between fragment syncs: one fragment's update must land before the next fragment's sync "
+                "starts; lower overlap_steps or fragments."
             )
 
     @property

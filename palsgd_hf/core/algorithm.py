@@ -20,6 +20,9 @@ Phases of one optimizer step t (t counts every step, of all kinds, from 0):
    kept; the model's floating-point buffers (BatchNorm statistics) are averaged over all ranks.
 4. Overlapped sync (``overlap_steps`` = d >= 1): the average is launched at the sync and applied
    d steps later, keeping the local progress made meanwhile (:mod:`palsgd_hf.core.overlap`).
+5. Fragments (``fragments`` = F > 1): the owned values are cut into F fragments, each synced on its own at
+   staggered steps, fragment i when (t + 1) mod H == floor(i H / F) (:mod:`palsgd_hf.core.fragments`). The
+   syncs themselves live in :mod:`palsgd_hf.core.outer_sync`.
 
 The anchor x_bar is created when the first local step starts (workers are identical then: DDP and
 DeepSpeed keep them so, a bare module gets a broadcast from replica 0) and is refreshed only at
@@ -36,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -45,18 +47,20 @@ from ..config import PALSGDConfig
 from .adapter import OwnedGroup, ParamAdapter
 from .collective_guard import CollectiveGuard
 from .comm import WIRE_DTYPES, Communicator, ErrorFeedback, LocalCommunicator
+from .fragments import Fragments
 from .global_model import GlobalModelViews
 from . import algorithm_state
 from .outer import Anchor
+from .outer_sync import OuterSyncs
 from .overlap import PendingSync
 from .step_kinds import COUNTER_OF, COUNTERS, StepKind, coin_seed
 from .replica_stats import ReplicaStats
 from .sync_policy import build_schedule
-from .tensor_ops import agree_all_finite, average_buffers, check_aligned, lerp_
+from .tensor_ops import average_buffers, check_aligned, lerp_
 
 logger = logging.getLogger(__name__)
 
-class PALSGD(GlobalModelViews):
+class PALSGD(GlobalModelViews, OuterSyncs):
     """Pseudo-Asynchronous Local SGD for one rank.
 
     Args:
@@ -107,8 +111,10 @@ class PALSGD(GlobalModelViews):
         self._since_sync = 0  # local steps since the workers last left the anchor (a sync or its launch)
         self._pending: Optional[PendingSync] = None  # an overlapped sync in flight
         self.sync_seconds_blocked = 0.0  # time blocked in pseudo-gradient exchanges only
-        # int8/int4 on the wire: this rank's quantization residuals, carried from one sync to the next.
-        self.feedback = ErrorFeedback() if isinstance(WIRE_DTYPES[config.comm_dtype], str) else None
+        self.fragments = Fragments(config.fragments)
+        # int8/int4 on the wire: this rank's quantization residuals, carried from one sync to the next (per fragment).
+        quantized = isinstance(WIRE_DTYPES[config.comm_dtype], str)
+        self.feedbacks = [ErrorFeedback() for _ in range(config.fragments)] if quantized else None
         self._grad_sync: Optional[bool] = None
 
     # ------------------------------------------------------------------ the step
@@ -180,15 +186,17 @@ class PALSGD(GlobalModelViews):
                 self._pending.on_step(self.step)
                 if self.step >= self._pending.apply_step:
                     launched, blocked = self._pending.launch_step, self.sync_seconds_blocked
-                    self._apply_pending()
+                    self.apply_pending()
                     self._after_sync(launched, self.sync_seconds_blocked - blocked)
-            if self.schedule.is_due(self.step):
+            due = self.schedule.due_fragment(self.step)
+            if due is not None:
+                fragment = None if self.fragments.count == 1 else due  # None: the whole model
                 if self.config.overlap_steps > 0:
-                    self._launch_sync()
+                    self.launch_sync(fragment)
                     self.schedule.launched(self.step)
                 else:
                     blocked = self.sync_seconds_blocked
-                    self.sync()
+                    self.sync_fragment(fragment)
                     self._after_sync(self.step, self.sync_seconds_blocked - blocked)
         return kind
 
@@ -205,7 +213,7 @@ class PALSGD(GlobalModelViews):
         """End of training: apply an overlapped sync in flight, then a last blocking sync if workers
         moved since the previous one. Then every worker holds the global model. Collective."""
         if self._pending is not None:
-            self._apply_pending()
+            self.apply_pending()
         if self._anchor is not None and self._since_sync > 0:
             blocked = self.sync_seconds_blocked
             self.sync()
@@ -242,9 +250,10 @@ class PALSGD(GlobalModelViews):
         coefficients = [self.config.check_mixing_coefficient(float(g.options["lr"])) for g in groups]
         logger.info(
             "PALSGD local phase starts at step %d: method=%s H=%d p=%g eta=%g, pull coefficient c=lr*eta/p=%s "
-            "(aim for ~0.01-0.1 at peak LR); anchor holds %d values",
+            "(aim for ~0.01-0.1 at peak LR); anchor holds %d values in %d fragment(s)",
             self.step, self.config.method, self.config.sync_interval, self.config.pseudo_sync_prob,
             self.config.mixing_rate, ", ".join(f"{c:.4g}" for c in coefficients), self._anchor.numel(),
+            self.fragments.count,
         )
 
     def _coefficient(self, group: OwnedGroup) -> float:
@@ -264,15 +273,16 @@ class PALSGD(GlobalModelViews):
     def _pull(self) -> None:
         """x <- x - c (x - x_bar) = lerp(x, x_bar, c), per parameter group (each has its own lr)."""
         groups = self.adapter.owned_groups()
-        self._check_aligned([t for g in groups for t in g.tensors])
+        pieces = self.fragments.split_groups([g.tensors for g in groups])  # each group's tensors (F = 1) or pieces
+        self._check_aligned([t for g in pieces for t in g])
         anchors = iter(self._anchor.tensors)
         with torch.no_grad():
-            for group in groups:
+            for group, group_pieces in zip(groups, pieces):
                 c = self._coefficient(group)
                 self.last_mixing_coefficient = c
-                group_anchors = [next(anchors) for _ in group.tensors]
+                group_anchors = [next(anchors) for _ in group_pieces]
                 if c > 0:
-                    lerp_(group.tensors, group_anchors, c)
+                    lerp_(group_pieces, group_anchors, c)
         self.adapter.after_write()
 
     @contextlib.contextmanager
@@ -287,85 +297,9 @@ class PALSGD(GlobalModelViews):
             for g, lr in zip(groups, saved):
                 g["lr"] = lr
 
-    def sync(self) -> None:
-        """Global sync: average pseudo-gradients, one outer step, every worker takes the anchor.
-
-        Blocking. An overlapped sync still in flight is applied first.
-        """
-        if self._pending is not None:
-            self._apply_pending()
-        tensors = self._owned_tensors()
-        self._sync_buffers()
-        exchange = self._exchange_pseudo_gradient(tensors)
-        flat = exchange.wait()
-        self.sync_seconds_blocked += exchange.seconds_blocked
-        if agree_all_finite((flat,), self.replica):
-            self._anchor.outer_step(flat)
-            self.counters["outer_syncs"] += 1
-        else:
-            self._skip_sync()
-        self._anchor.write_to(tensors)
-        self.adapter.after_write()
-        self._since_sync = 0
-
-    def _exchange_pseudo_gradient(self, tensors: list[torch.Tensor]):
-        """Record the drift and start averaging delta = x_bar - x over the peers."""
-        num, den = self._anchor.drift(tensors)
-        self.last_drift = math.sqrt(num / den) if den > 0 else 0.0
-        wire = WIRE_DTYPES[self.config.comm_dtype]
-        return self.peers.mean_exchange_async(self._anchor.pseudo_gradient(tensors), wire, self.feedback)
-
-    def _launch_sync(self) -> None:
-        """The first half of an overlapped sync: start the average, remember x_launch, keep training."""
-        if self._pending is not None:  # never two in flight (the auto schedule keeps H > d; this is the backstop)
-            self._apply_pending()
-        tensors = self._owned_tensors()
-        self._sync_buffers()
-        exchange = self._exchange_pseudo_gradient(tensors)
-        self._pending = PendingSync.launch(
-            exchange, tensors, self._anchor.tensors, self.step, self.config.overlap_steps
-        )
-        self._since_sync = 0
-
-    def _apply_pending(self) -> None:
-        """The second half: wait for the average, outer step, x <- x_bar_new + (x - x_launch)."""
-        pending, self._pending = self._pending, None
-        flat = pending.exchange.wait()
-        self.sync_seconds_blocked += pending.exchange.seconds_blocked
-        tensors = self._owned_tensors()
-        if agree_all_finite((flat,), self.replica):
-            self._anchor.outer_step(flat)
-            self.counters["outer_syncs"] += 1
-            pending.keep_local_progress(self._anchor.tensors, tensors)
-        else:
-            self._skip_sync()
-            self._anchor.write_to(tensors)
-            self._since_sync = 0  # every worker is back on the anchor
-        self.adapter.after_write()
-
-    def _skip_sync(self) -> None:
-        # Every peer saw the same averaged NaN/inf, so all skip together: no extra round.
-        if not agree_all_finite(tuple(self._anchor.tensors), self.replica):
-            # Returning to the anchor only helps if the anchor is good. It is not when the run diverged
-            # before the local phase (or an outer step overflowed): every later sync would be skipped.
-            raise FloatingPointError(
-                f"PALSGD step {self.step}: the global model (anchor) itself is non-finite, so there is no good "
-                "state to return to (the run diverged before the local phase, or an outer step overflowed); "
-                "resume from the last checkpoint with a lower learning_rate or outer_lr."
-            )
-        self.counters["skipped_syncs"] += 1
-        if self.feedback is not None:  # NaN residuals would make every later mean non-finite; all peers saw it
-            self.feedback = ErrorFeedback()
-        # The worker that diverged has non-finite inner-optimizer moments too; without this,
-        # its next step would turn the restored weights non-finite again.
-        reset = getattr(self.adapter, "reset_nonfinite_state", None)
-        if reset is not None:
-            reset()
-        logger.warning("PALSGD step %d: non-finite pseudo-gradient; outer update skipped, workers return to the "
-                       "last good anchor (skipped_syncs=%d)", self.step, self.counters["skipped_syncs"])
-
     def _owned_tensors(self) -> list[torch.Tensor]:
-        tensors = [t for g in self.adapter.owned_groups() for t in g.tensors]
+        """The owned tensors in order, as the anchor holds them: whole (F = 1) or cut into fragment pieces."""
+        tensors = self.fragments.split([t for g in self.adapter.owned_groups() for t in g.tensors])
         self._check_aligned(tensors)
         return tensors
 

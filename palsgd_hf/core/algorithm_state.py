@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # Settings a resumed run must share with the run that wrote the checkpoint: they decide what the saved
 # state means (the coin stream, the sync schedule, whose partition a file holds). Run-time settings such as
 # comm_timeout_seconds are left out on purpose: resuming with a longer or shorter timeout is legitimate.
-MUST_MATCH = ("method", "sync_interval", "sync_policy", "shard_size", "coins")
+MUST_MATCH = ("method", "sync_interval", "sync_policy", "shard_size", "coins", "fragments")
 
 
 def metrics(algo: "PALSGD") -> dict[str, float]:
@@ -59,7 +59,9 @@ def save(algo: "PALSGD") -> dict[str, Any]:
         "guard": algo.guard.state_dict(),
         "schedule": algo.schedule.state_dict(),
         "per_replica": None if algo.replica_stats is None else algo.replica_stats.state_dict(),
-        "feedback": None if algo.feedback is None else algo.feedback.state_dict(),
+        # One fragment: the residuals' dict, as before fragments existed; F > 1: a list, one per fragment.
+        "feedback": None if algo.feedbacks is None else (
+            algo.feedbacks[0].state_dict() if len(algo.feedbacks) == 1 else [f.state_dict() for f in algo.feedbacks]),
         "config": algo.config.to_dict(),
     }
 
@@ -98,13 +100,26 @@ def load(algo: "PALSGD", state: dict[str, Any]) -> None:
         algo.schedule.load_state_dict(state["schedule"])
     if algo.replica_stats is not None and state.get("per_replica") is not None:
         algo.replica_stats.load_state_dict(state["per_replica"])
-    if algo.feedback is not None and state.get("feedback") is not None:
-        owned = algo._owned_tensors()
-        algo.feedback.load_state_dict(state["feedback"], owned[0].device, algo.peers.size,
-                                      sum(t.numel() for t in owned))
+    if algo.feedbacks is not None and state.get("feedback") is not None:
+        _load_feedbacks(algo, state["feedback"])
     algo._pending = None
     if state.get("pending_sync") is not None:
-        device = algo._owned_tensors()[0].device
-        algo._pending = PendingSync.from_state(state["pending_sync"], algo.peers, algo._anchor.tensors, device,
-                                               algo.feedback)
+        owned = algo._owned_tensors()
+        fragment = state["pending_sync"].get("fragment")
+        anchors = [a for a, _ in algo._anchor.pairs(owned, algo.fragments.members(fragment))]
+        feedback = None if algo.feedbacks is None else algo.feedbacks[fragment or 0]
+        algo._pending = PendingSync.from_state(state["pending_sync"], algo.peers, anchors, owned[0].device, feedback)
     algo._grad_sync = None  # re-applied to the backend at the next step
+
+
+def _load_feedbacks(algo: "PALSGD", saved: Any) -> None:
+    """The int8/int4 residuals: one dict (one fragment) or a list of one per fragment."""
+    saved = [saved] if isinstance(saved, dict) else list(saved)
+    if len(saved) != len(algo.feedbacks):
+        raise ValueError(f"the checkpoint holds int8/int4 residuals of {len(saved)} fragments but this run has "
+                         f"fragments={len(algo.feedbacks)}; resume with the checkpoint's fragments.")
+    owned = algo._owned_tensors()
+    for fragment, (feedback, state) in enumerate(zip(algo.feedbacks, saved)):
+        idx = algo.fragments.members(None if len(saved) == 1 else fragment)
+        numel = sum(owned[i].numel() for i in (range(len(owned)) if idx is None else idx))
+        feedback.load_state_dict(state, owned[0].device, algo.peers.size, numel)

@@ -48,41 +48,51 @@ class Anchor:
             for a, t in zip(self.tensors, tensors):
                 a.copy_(t.detach())
 
-    def write_to(self, tensors: list[torch.Tensor]) -> None:
-        """x <- anchor for every owned tensor."""
+    def pairs(self, tensors: list[torch.Tensor], idx: Optional[list[int]] = None):
+        """(anchor, tensor) pairs: all of them, or those at the indices ``idx`` (one fragment's pieces)."""
+        if idx is None:
+            return list(zip(self.tensors, tensors))
+        return [(self.tensors[i], tensors[i]) for i in idx]
+
+    def write_to(self, tensors: list[torch.Tensor], idx: Optional[list[int]] = None) -> None:
+        """x <- anchor for every owned tensor (or those at ``idx``)."""
         with torch.no_grad():
-            for a, t in zip(self.tensors, tensors):
+            for a, t in self.pairs(tensors, idx):
                 t.copy_(a, non_blocking=True)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.tensors[0].dtype if self.tensors else torch.float32
 
-    def pseudo_gradient(self, tensors: list[torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """One flat buffer of x_bar - x (in ``dtype``, default the anchor's, on the weights' device)."""
+    def pseudo_gradient(self, tensors: list[torch.Tensor], idx: Optional[list[int]] = None) -> torch.Tensor:
+        """One flat buffer of x_bar - x (in the anchor's dtype, on the weights' device), over ``idx`` or all."""
         device = tensors[0].device
         with torch.no_grad():
-            parts = [
-                (a.to(device, non_blocking=True) - t.detach().to(a.dtype)).flatten() for a, t in zip(self.tensors, tensors)
-            ]
-            return torch.cat(parts).to(dtype or self.dtype)
+            parts = [(a.to(device, non_blocking=True) - t.detach().to(a.dtype)).flatten()
+                     for a, t in self.pairs(tensors, idx)]
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=self.dtype, device=device)
 
-    def outer_step(self, flat_mean: torch.Tensor) -> None:
-        """Set the averaged pseudo-gradient as the anchor's gradient and take one outer step."""
+    def outer_step(self, flat_mean: torch.Tensor, idx: Optional[list[int]] = None) -> None:
+        """Set the averaged pseudo-gradient as the anchor's gradient and take one outer step.
+
+        With ``idx`` (one fragment) only those anchor tensors get a gradient: the outer optimizer skips
+        tensors without one, so the other fragments' anchors and momenta stay as they are.
+        """
         offset = 0
-        for a in self.tensors:
+        anchors = self.tensors if idx is None else [self.tensors[i] for i in idx]
+        for a in anchors:
             n = a.numel()
             a.grad = flat_mean[offset : offset + n].view_as(a).to(a.device, a.dtype)
             offset += n
         self.optimizer.step()
-        for a in self.tensors:
+        for a in anchors:
             a.grad = None
 
-    def drift(self, tensors: list[torch.Tensor]) -> tuple[float, float]:
-        """(||x - x_bar||^2, ||x_bar||^2) over the owned tensors; callers combine and take roots."""
+    def drift(self, tensors: list[torch.Tensor], idx: Optional[list[int]] = None) -> tuple[float, float]:
+        """(||x - x_bar||^2, ||x_bar||^2) over the owned tensors (or ``idx``); callers combine and take roots."""
         num = den = 0.0
         with torch.no_grad():
-            for a, t in zip(self.tensors, tensors):
+            for a, t in self.pairs(tensors, idx):
                 a_dev = a.to(t.device, non_blocking=True)
                 num += float((t.detach().to(a.dtype) - a_dev).pow(2).sum())
                 den += float(a_dev.pow(2).sum())

@@ -40,15 +40,18 @@ class PendingSync:
     """One launched, not yet applied outer sync."""
 
     def __init__(
-        self, exchange: MeanExchange, at_launch: list[torch.Tensor], launch_step: int, apply_step: int, advance_step: int
+        self, exchange: MeanExchange, at_launch: list[torch.Tensor], launch_step: int, apply_step: int,
+        advance_step: int, fragment: Optional[int] = None,
     ):
         self.exchange = exchange
-        self.at_launch = at_launch
+        self.at_launch = at_launch  # of the synced fragment's pieces (every owned tensor when fragment is None)
         self.launch_step, self.apply_step, self.advance_step = launch_step, apply_step, advance_step
+        self.fragment = fragment
 
     @classmethod
     def launch(
-        cls, exchange: MeanExchange, tensors: list[torch.Tensor], anchors: list[torch.Tensor], step: int, overlap: int
+        cls, exchange: MeanExchange, tensors: list[torch.Tensor], anchors: list[torch.Tensor], step: int, overlap: int,
+        fragment: Optional[int] = None,
     ) -> "PendingSync":
         at_launch = []
         with torch.no_grad():
@@ -57,7 +60,7 @@ class PendingSync:
                 if a.device.type == "cpu" and t.device.type == "cuda":
                     copy = copy.pin_memory()
                 at_launch.append(copy.copy_(t.detach(), non_blocking=True))
-        return cls(exchange, at_launch, step, step + overlap, step + (overlap + 1) // 2)
+        return cls(exchange, at_launch, step, step + overlap, step + (overlap + 1) // 2, fragment)
 
     def on_step(self, step: int) -> None:
         """Called after every local step while in flight: start the bf16 gather when its time comes."""
@@ -80,6 +83,7 @@ class PendingSync:
             "launch_step": self.launch_step,
             "apply_step": self.apply_step,
             "advance_step": self.advance_step,
+            "fragment": self.fragment,
         }
 
     @classmethod
@@ -96,4 +100,5 @@ class PendingSync:
         at_launch = [(torch.empty_like(a).pin_memory() if a.is_pinned() else torch.empty_like(a)).copy_(s)
                      for s, a in zip(saved, anchors)]
         exchange = exchange_from_state(comm, state["exchange"], device or anchors[0].device, feedback)
-        return cls(exchange, at_launch, int(state["launch_step"]), int(state["apply_step"]), int(state["advance_step"]))
+        return cls(exchange, at_launch, int(state["launch_step"]), int(state["apply_step"]), int(state["advance_step"]),
+                   state.get("fragment"))

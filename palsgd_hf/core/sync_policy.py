@@ -45,6 +45,7 @@ import torch
 
 from ..config import PALSGDConfig
 from .comm import Communicator
+from .fragments import due_fragment
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +81,14 @@ class StepTimer:
 
 
 class FixedSchedule:
-    """A sync after step t when (t + 1) mod H == 0 (``step`` below is t + 1, the steps taken)."""
+    """A sync after step t when (t + 1) mod H == 0 (``step`` below is t + 1, the steps taken).
+
+    With F fragments, fragment i after step t when (t + 1) mod H == floor(i H / F) (:mod:`.fragments`).
+    """
 
     def __init__(self, config: PALSGDConfig):
         self.interval = config.sync_interval
+        self.fragments = config.fragments
 
     def start(self, step: int) -> None:
         pass
@@ -93,6 +98,10 @@ class FixedSchedule:
 
     def is_due(self, step: int) -> bool:
         return step % self.interval == 0
+
+    def due_fragment(self, step: int) -> Optional[int]:
+        """The fragment whose sync falls after the step that brings the count to ``step`` (0 when F = 1), or None."""
+        return due_fragment(step, self.interval, self.fragments)
 
     def launched(self, step: int) -> None:
         pass
@@ -135,6 +144,9 @@ class AdaptiveSchedule:
 
     def is_due(self, step: int) -> bool:
         return self.next_sync is not None and step >= self.next_sync
+
+    def due_fragment(self, step: int) -> Optional[int]:
+        return 0 if self.is_due(step) else None  # one fragment: the config refuses fragments > 1 with 'auto'
 
     def launched(self, step: int) -> None:
         """An overlapped sync left at ``step``: not due again before its decision lands (H > overlap_steps)."""

@@ -81,6 +81,7 @@ class PALSGDTrainingArguments(TrainingArguments):
     palsgd_coins: str = _twin("coins", COINS)
     palsgd_shard_size: int = _twin("shard_size")
     palsgd_overlap_steps: int = _twin("overlap_steps")
+    palsgd_fragments: int = _twin("fragments")
     palsgd_comm_dtype: str = _twin("comm_dtype", COMM_DTYPES)
     palsgd_anchor_device: str = _twin("anchor_device", ANCHOR_DEVICES)
     palsgd_replica_metrics: bool = _twin("replica_metrics")

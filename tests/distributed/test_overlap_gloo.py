@@ -20,8 +20,9 @@ from tests.helpers.launch import torchrun
 from tests.unit.test_overlap import reference
 
 
-def assert_runs_match_reference(results, cfg: PALSGDConfig, replicas: int, steps: int) -> None:
-    ref_before, ref_final, ref_kinds, ref_syncs = reference(cfg, replicas, steps)
+def assert_runs_match_reference(results, cfg: PALSGDConfig, replicas: int, steps: int, rule=reference) -> None:
+    """``rule``: the float64 reference (tests/unit/test_overlap.py's, or tests/unit/test_fragments.py's)."""
+    ref_before, ref_final, ref_kinds, ref_syncs = rule(cfg, replicas, steps)
     for r in results:
         k = r["replica"]
         assert r["kinds"] == ref_kinds[k], f"rank {r['rank']}: step kinds differ"

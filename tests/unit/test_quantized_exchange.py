@@ -189,7 +189,7 @@ def test_resume_between_syncs_restores_the_residuals():
     cfg = PALSGDConfig(sync_interval=4, pseudo_sync_prob=0.3, mixing_rate=2.0, warmup_steps=1, comm_dtype="int8")
 
     def holds_residuals(opt):  # two syncs done (after steps 4 and 8)
-        assert opt.algorithm.feedback.sent is not None and opt.algorithm.feedback.owned is not None
+        assert opt.algorithm.feedbacks[0].sent is not None and opt.algorithm.feedbacks[0].owned is not None
 
     resume_runs(cfg, stop_at=10, steps=19, at_save=holds_residuals)
 

@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--overlap", type=int, default=2)
     ap.add_argument("--comm-dtype", default="fp32")
     ap.add_argument("--shard-size", type=int, default=1)
+    ap.add_argument("--fragments", type=int, default=1)
     ap.add_argument("--resume-at", type=int, default=None)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=256)
@@ -107,6 +108,7 @@ def main() -> None:
         cfg = PALSGDConfig(
             method=args.method, sync_interval=args.H, pseudo_sync_prob=args.p, mixing_rate=args.eta,
             warmup_steps=args.warmup, overlap_steps=args.overlap, comm_dtype=args.comm_dtype, shard_size=args.shard_size,
+            fragments=args.fragments,
         )
         result = reference_task(args, cfg)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps({"rank": rank, **result}))
