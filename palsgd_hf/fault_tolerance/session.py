@@ -167,6 +167,7 @@ class FaultTolerantSession:
                 logger.info("replica %d joined a quorum of %d replicas at step %d", self.settings.replica_id,
                             self.comm.participants, self.algorithm.step)
                 return
+            self.comm.failed_attempts += 1
             logger.warning("replica %d: join attempt %d failed (%s); retrying", self.settings.replica_id, attempt,
                            self.manager.errored())
         raise RuntimeError(

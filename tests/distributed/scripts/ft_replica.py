@@ -1,0 +1,147 @@
+"""One replica of a fault-tolerant PALSGD run (tests/distributed/test_fault_tolerance*.py), its own process.
+
+A linear model learns y = X w* + noise (least squares: convex, its steps linear in the weights) with SGD +
+momentum (inner state to hand over on a rejoin). Each replica draws its own batches, seeded by
+(replica, step), so an interrupted run and an uninterrupted one read the same data at the same step.
+Each replica starts from its own random weights: join() must make them identical.
+
+Writes ``events_<replica>.jsonl`` (one line when it joined and after every sync: wall time, step,
+replicas in the sync, sha256 of the anchor) and, at the end, ``result_<replica>_<pid>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from palsgd_hf import PALSGDConfig, StepKind
+from palsgd_hf.fault_tolerance import FaultToleranceConfig, FaultTolerantSession
+
+DIM, BATCH, NOISE = 32, 16, 0.5
+
+
+def teacher() -> torch.Tensor:
+    return torch.randn(DIM, 1, generator=torch.Generator().manual_seed(1234))
+
+
+def batch(replica: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100_003 * replica + step)
+    x = torch.randn(BATCH, DIM, generator=g)
+    return x, x @ teacher() + NOISE * torch.randn(BATCH, 1, generator=g)
+
+
+def eval_loss(model: torch.nn.Module) -> float:
+    """The excess loss: mean squared distance to the noiseless targets on held-out inputs."""
+    x = torch.randn(512, DIM, generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        return float(torch.nn.functional.mse_loss(model(x), x @ teacher()))
+
+
+def anchor_sha(algo) -> str:
+    state = algo.state_dict()["anchor"]
+    h = hashlib.sha256()
+    for t in state["tensors"]:
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def inject_faults(args, session, algo, event) -> None:
+    """Stall where the test wants to kill this replica: inside a sync, or while serving a rejoin."""
+    if args.hang_in_sync is not None:
+        allreduce = session.manager.allreduce
+
+        def stalling_allreduce(*a, **kw):
+            if algo.step == args.hang_in_sync and session.comm.position[0] == "exchange":
+                event("in_sync", algo)
+                time.sleep(120)
+            return allreduce(*a, **kw)
+
+        session.manager.allreduce = stalling_allreduce
+    if args.slow_serve:
+        capture = session.transfer.capture
+
+        def slow_capture():
+            if algo.step > 0:  # a rejoin, not the identical start
+                event("serving", algo)
+                time.sleep(args.slow_serve)
+            return capture()
+
+        session.transfer.capture = slow_capture
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--lighthouse", required=True)
+    p.add_argument("--replica", type=int, required=True)
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--steps", type=int, default=160)
+    p.add_argument("--sync-interval", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--step-seconds", type=float, default=0.0)
+    p.add_argument("--hang-in-sync", type=int, default=None, help="at this sync, stall before the all-reduce")
+    p.add_argument("--slow-serve", type=float, default=0.0, help="stall this long before serving a rejoin")
+    p.add_argument("--stop-file", default=None, help="when it appears, it holds the step to end at (all agree)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--quorum-timeout", type=float, default=60.0)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format=f"[replica {args.replica} %(asctime)s] %(name)s: %(message)s")
+    out = Path(args.out)
+    events = (out / f"events_{args.replica}.jsonl").open("a", buffering=1)
+
+    def event(kind: str, algo, **extra) -> None:
+        line = {"kind": kind, "t": time.time(), "pid": os.getpid(), "step": algo.step,
+                "participants": session.comm.participants, **extra}
+        if algo.in_local_phase:
+            line["anchor"] = anchor_sha(algo)
+        events.write(json.dumps(line) + "\n")
+
+    torch.manual_seed(args.replica)  # deliberately different initial weights per replica
+    model = torch.nn.Linear(DIM, 1)
+    inner = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    config = PALSGDConfig(sync_interval=args.sync_interval, warmup_steps=args.warmup, pseudo_sync_prob=0.2,
+                          mixing_rate=1.0, outer_lr=0.7, outer_momentum=0.5, seed=7)
+    settings = FaultToleranceConfig(lighthouse=args.lighthouse, replica_id=args.replica, replicas=args.replicas,
+                                    min_replicas=2, timeout_seconds=args.timeout,
+                                    quorum_timeout_seconds=args.quorum_timeout)
+    session = FaultTolerantSession(settings)
+    optimizer = session.wrap_optimizer(model, inner, config)
+    algo = optimizer.algorithm
+    inject_faults(args, session, algo, event)
+    started = time.time()
+    session.join()
+    event("joined", algo, rejoined=session.transfer.received > 0 and algo.step > 0, seconds=time.time() - started,
+          failed_attempts=session.comm.failed_attempts)
+    stop = Path(args.stop_file) if args.stop_file else None
+    while algo.step < args.steps:
+        if stop is not None and stop.exists():
+            args.steps, stop = int(stop.read_text()), None
+            continue
+        syncs = algo.counters["outer_syncs"]
+        if algo.step_kind() is not StepKind.PSEUDO_SYNC:
+            x, y = batch(args.replica, algo.step)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if algo.counters["outer_syncs"] != syncs:
+            event("sync", algo)
+        if args.step_seconds:
+            time.sleep(args.step_seconds)
+    algo.finalize()
+    weights = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in model.parameters())).hexdigest()
+    result = {"replica": args.replica, "step": algo.step, "anchor": anchor_sha(algo), "weights": weights,
+              "eval_loss": eval_loss(model), "ft": session.metrics(), "counters": dict(algo.counters)}
+    (out / f"result_{args.replica}_{os.getpid()}.json").write_text(json.dumps(result))
+    session.shutdown()
+    events.close()
+
+
+if __name__ == "__main__":
+    main()
