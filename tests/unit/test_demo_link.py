@@ -112,3 +112,19 @@ def test_summary_and_plot_files(tmp_path):
     assert summary["palsgd"]["modeled"]["reached"] is False and summary["ddp"]["modeled"]["link"]["mbit"] == 100.0
     plot_curves(results, modeled, Link(100.0), tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_only_recharges_saved_runs(tmp_path, capsys):
+    """``palsgd-hf demo --report_only``: the runs under --output_dir, reported at another link, no training."""
+    pytest.importorskip("matplotlib")
+    from palsgd_hf.cli import demo
+
+    assert demo.main(["--report_only", "--output_dir", str(tmp_path)]) == 2  # nothing there yet
+    assert "no run to report" in capsys.readouterr().err
+    for method, (history, final) in {"ddp": (DDP, 4.0), "palsgd": (FAST, 3.9)}.items():
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "result.json").write_text(json.dumps(result(history, final, 2)))
+    assert demo.main(["--report_only", "--output_dir", str(tmp_path), "--link_mbit", "50"]) == 0
+    table = capsys.readouterr().out
+    assert "EMULATED 50 MBIT/S" in table  # 20 s of DDP traffic at 100 Mbit/s are 40 s at 50
+    assert json.loads((tmp_path / "summary.json").read_text())["ddp"]["modeled"]["modeled_s"] == pytest.approx(60.2)
