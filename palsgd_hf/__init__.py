@@ -26,6 +26,9 @@ _LAZY = {
     "PALSGDSFTConfig": ".integrations.trl",
     "PALSGDDPOTrainer": ".integrations.trl",
     "PALSGDDPOConfig": ".integrations.trl",
+    # The [ft] extra: torchft is imported only when a session is built.
+    "FaultTolerantSession": ".fault_tolerance",
+    "FaultToleranceConfig": ".fault_tolerance",
 }
 
 __all__ = [
