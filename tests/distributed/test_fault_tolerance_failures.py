@@ -2,6 +2,8 @@
 
 * A replica killed *inside* a sync, while the others' all-reduce waits for it: their exchange fails, is not
   committed, and is retried with a new quorum of the two live replicas.
+* Per-replica coins: replicas take different numbers of gradient steps, so a sync's mean is weighted by them;
+  a replica killed and restarted rejoins with a coin stream of its own (not a copy of its peer's).
 * The replica serving a rejoin killed while it serves: the rejoining replica's transfer fails, and it takes
   the state from the remaining live replica at the next quorum.
 
@@ -14,7 +16,7 @@ import pytest
 
 pytest.importorskip("torchft")
 
-from tests.distributed.test_fault_tolerance import H, by_step, stop_at  # noqa: E402
+from tests.distributed.test_fault_tolerance import H, by_step, run_interrupted, stop_at  # noqa: E402
 from tests.helpers.ft_cluster import Cluster  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -72,3 +74,16 @@ def test_kill_the_replica_serving_the_rejoin(tmp_path):
         assert joined["rejoined"] and joined["failed_attempts"] >= 1  # its first transfer died with the server
         assert joined["anchor"] == by_step(ft.syncs(other))[joined["step"]]["anchor"]
         one_global_model(ft, 2)
+
+
+def test_per_replica_coins_kill_and_rejoin(tmp_path):
+    with Cluster(tmp_path, *ARGS, "--coins", "per_replica", "--stop-file", str(tmp_path / "stop")) as ft:
+        run = run_interrupted(ft)
+        survivors = [by_step(ft.syncs(r)) for r in (0, 1)]
+        for step, event in survivors[0].items():
+            assert survivors[1][step]["anchor"] == event["anchor"], step
+        joined = next(e for e in ft.events(2) if e["kind"] == "joined" and e["pid"] == run["new_pid"])
+        assert joined["rejoined"] and joined["anchor"] == survivors[0][joined["step"]]["anchor"]
+        one_global_model(ft, 3)
+        gradient_steps = {r["replica"]: r["counters"]["gradient_steps"] for r in ft.results()}
+        assert len(set(gradient_steps.values())) > 1, gradient_steps  # the coins differ, so the weights do

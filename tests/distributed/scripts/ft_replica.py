@@ -86,6 +86,7 @@ def main() -> None:
     p.add_argument("--sync-interval", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--step-seconds", type=float, default=0.0)
+    p.add_argument("--coins", default="shared", choices=["shared", "per_replica"])
     p.add_argument("--hang-in-sync", type=int, default=None, help="at this sync, stall before the all-reduce")
     p.add_argument("--slow-serve", type=float, default=0.0, help="stall this long before serving a rejoin")
     p.add_argument("--stop-file", default=None, help="when it appears, it holds the step to end at (all agree)")
@@ -107,7 +108,7 @@ def main() -> None:
     model = torch.nn.Linear(DIM, 1)
     inner = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     config = PALSGDConfig(sync_interval=args.sync_interval, warmup_steps=args.warmup, pseudo_sync_prob=0.2,
-                          mixing_rate=1.0, outer_lr=0.7, outer_momentum=0.5, seed=7)
+                          mixing_rate=1.0, outer_lr=0.7, outer_momentum=0.5, seed=7, coins=args.coins)
     settings = FaultToleranceConfig(lighthouse=args.lighthouse, replica_id=args.replica, replicas=args.replicas,
                                     min_replicas=2, timeout_seconds=args.timeout,
                                     quorum_timeout_seconds=args.quorum_timeout)
