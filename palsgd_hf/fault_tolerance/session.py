@@ -111,6 +111,18 @@ class FaultTolerantSession:
         ``extra_state``: name -> object with ``state_dict()``/``load_state_dict()`` (an LR scheduler, a
         sampler) that a rejoining replica takes from its peer along with the PALSGD state.
         """
+        return PALSGDOptimizer(optimizer, self.build_algorithm(model, optimizer, config, extra_state))
+
+    def build_algorithm(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: PALSGDConfig,
+        extra_state: Optional[dict[str, Any]] = None,
+    ) -> PALSGD:
+        """The PALSGD of this replica, its exchanges managed (for integrations that wrap the optimizer themselves)."""
+        if self.algorithm is not None:
+            raise RuntimeError("this FaultTolerantSession already drives a PALSGD; use one session per model.")
         _check_supported(model, config)
         adapter = ModuleAdapter(model, optimizer, None)
         self.algorithm = PALSGD(
@@ -124,7 +136,7 @@ class FaultTolerantSession:
         self.comm.position_of = lambda call, numel: (call, numel, self.transfer.phase())
         self.comm.exchange_weight = self._exchange_weight
         self.comm.on_commit = self._on_commit
-        return PALSGDOptimizer(optimizer, self.algorithm)
+        return self.algorithm
 
     def _exchange_weight(self) -> float:
         return float(self.algorithm.counters["gradient_steps"] - self._gradient_steps_at_sync)

@@ -131,7 +131,7 @@ class PALSGDAccelerate:
         self._model = model
         if self.comm_timeout is not None:
             apply_collective_timeout(self.comm_timeout)  # with one rank per worker, the syncs use the default group
-        self.algorithm = build_algorithm(model, optimizer, self.config, comm_timeout=self.comm_timeout)
+        self.algorithm = self._build_algorithm(model, optimizer)
         # One optimizer step per accumulation window, as accelerate's own optimizer (see the module doc).
         self.optimizer = PALSGDOptimizer(
             optimizer, self.algorithm, is_boundary=lambda: self.accelerator.sync_gradients, after_step=self._after_step
@@ -143,6 +143,10 @@ class PALSGDAccelerate:
         # step's interior, watched by the collective guard, starts only at should_compute().
         self.algorithm.prepare_step()
         return self.optimizer
+
+    def _build_algorithm(self, model: torch.nn.Module, optimizer) -> PALSGD:
+        """The PALSGD of this rank (overridden by the fault-tolerant hooks, whose exchanges torchft manages)."""
+        return build_algorithm(model, optimizer, self.config, comm_timeout=self.comm_timeout)
 
     # ------------------------------------------------------------------ the loop
     def should_compute(self) -> bool:

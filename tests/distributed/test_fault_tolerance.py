@@ -40,19 +40,20 @@ def by_step(syncs: list[dict]) -> dict[int, dict]:
     return {e["step"]: e for e in syncs}
 
 
-def stop_at(cluster: Cluster, margin_periods: int = 10) -> int:
-    """Tell every replica to end at a step some periods ahead (a multiple of H, the same for all)."""
-    latest = max((e["step"] for r in range(3) for e in cluster.events(r)), default=0)
+def stop_at(*clusters: Cluster, margin_periods: int = 10) -> int:
+    """Tell every replica of ``clusters`` to end at one step some periods ahead (a multiple of H)."""
+    latest = max((e["step"] for c in clusters for r in range(3) for e in c.events(r)), default=0)
     end = (latest // H + margin_periods) * H
-    tmp = cluster.out / "stop.tmp"
-    tmp.write_text(str(end))
-    tmp.rename(cluster.out / "stop")  # atomic: a replica reads all of it or nothing
+    for cluster in clusters:
+        tmp = cluster.out / "stop.tmp"
+        tmp.write_text(str(end))
+        tmp.rename(cluster.out / "stop")  # atomic: a replica reads all of it or nothing
     return end
 
 
-def run_interrupted(ft: Cluster) -> dict:
+def run_interrupted(ft: Cluster, *alongside: Cluster) -> dict:
     """Kill replica 2 after its second sync, restart it at once (as torchrun --max-restarts would), let it
-    rejoin and sync twice, then end the run a few periods later."""
+    rejoin and sync twice, then end the run (and the ``alongside`` runs, at the same step) a few periods later."""
     for r in range(3):
         ft.start(r)
     ft.wait_for(lambda: len(ft.syncs(2)) >= 2, timeout=150, what="replica 2's second sync")
@@ -60,15 +61,21 @@ def run_interrupted(ft: Cluster) -> dict:
     run["restarted_at"] = ft.start(2)
     run["new_pid"] = ft.procs[2].pid
     ft.wait_for(lambda: len(ft.syncs(2, run["new_pid"])) >= 2, timeout=150, what="the restarted replica's syncs")
-    run["steps"] = stop_at(ft)
+    run["steps"] = stop_at(ft, *alongside)
     ft.wait_all(timeout=150)
     return run
 
 
 def test_kill_restart_rejoin_and_quality(tmp_path):
-    with Cluster(tmp_path / "ft", *ARGS, "--steps", "1000000", "--step-seconds", "0.04",
-                 "--stop-file", str(tmp_path / "ft" / "stop")) as ft:
-        run = run_interrupted(ft)
+    # The uninterrupted run (same replicas, steps and batches) runs alongside, with its own lighthouse.
+    common = (*ARGS, "--steps", "1000000", "--step-seconds", "0.04")
+    with Cluster(tmp_path / "ft", *common, "--stop-file", str(tmp_path / "ft" / "stop")) as ft, \
+            Cluster(tmp_path / "full", *common, "--stop-file", str(tmp_path / "full" / "stop")) as full:
+        for r in range(3):
+            full.start(r)
+        run = run_interrupted(ft, full)
+        full.wait_all(timeout=150)
+        baseline = full.results()
         steps, killed_at = run["steps"], run["killed_at"]
         survivors = [by_step(ft.syncs(r)) for r in (0, 1)]
         killed_step = max(e["step"] for e in ft.syncs(2, run["victim_pid"]))
@@ -98,12 +105,6 @@ def test_kill_restart_rejoin_and_quality(tmp_path):
           f"(2 replicas); the restarted replica rejoined at step {joined['step']}, "
           f"{joined['t'] - run['restarted_at']:.2f} s after its restart (its join() waited {joined['seconds']:.2f} s)")
 
-    # The same replicas, steps and batches without the kill.
-    with Cluster(tmp_path / "full", *ARGS, "--steps", str(steps)) as full:
-        for r in range(3):
-            full.start(r)
-        full.wait_all(timeout=150)
-        baseline = full.results()
     assert len(baseline) == 3 and len({r["anchor"] for r in baseline}) == 1, baseline
     full_loss, ft_loss = baseline[0]["eval_loss"], results[0]["eval_loss"]
     print(f"eval loss after {steps} steps: uninterrupted {full_loss:.4g}, interrupted {ft_loss:.4g} (bound 1.5x)")

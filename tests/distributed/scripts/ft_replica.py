@@ -12,6 +12,7 @@ replicas in the sync, sha256 of the anchor) and, at the end, ``result_<replica>_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -86,6 +87,7 @@ def main() -> None:
     p.add_argument("--sync-interval", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--step-seconds", type=float, default=0.0)
+    p.add_argument("--accelerate", action="store_true", help="through the Accelerate hooks")
     p.add_argument("--coins", default="shared", choices=["shared", "per_replica"])
     p.add_argument("--hang-in-sync", type=int, default=None, help="at this sync, stall before the all-reduce")
     p.add_argument("--slow-serve", type=float, default=0.0, help="stall this long before serving a rejoin")
@@ -113,11 +115,25 @@ def main() -> None:
                                     min_replicas=2, timeout_seconds=args.timeout,
                                     quorum_timeout_seconds=args.quorum_timeout)
     session = FaultTolerantSession(settings)
-    optimizer = session.wrap_optimizer(model, inner, config)
-    algo = optimizer.algorithm
-    inject_faults(args, session, algo, event)
     started = time.time()
-    session.join()
+    if args.accelerate:  # the Accelerate hooks: wrap() builds PALSGD over torchft and joins
+        from accelerate import Accelerator
+
+        from palsgd_hf.fault_tolerance.accelerate import FaultTolerantAccelerate
+
+        accelerator = Accelerator(cpu=True)
+        model, inner = accelerator.prepare(model, inner)
+        hooks = FaultTolerantAccelerate(accelerator, config, session)
+        optimizer = hooks.wrap(model, inner)
+        algo = hooks.algorithm
+        compute, backward, window = hooks.should_compute, accelerator.backward, lambda: accelerator.accumulate(model)
+    else:  # the hand-written loop
+        optimizer = session.wrap_optimizer(model, inner, config)
+        algo = optimizer.algorithm
+        inject_faults(args, session, algo, event)
+        session.join()
+        compute, backward, window = (lambda: algo.step_kind() is not StepKind.PSEUDO_SYNC), torch.Tensor.backward, \
+            contextlib.nullcontext
     event("joined", algo, rejoined=session.transfer.received > 0 and algo.step > 0, seconds=time.time() - started,
           failed_attempts=session.comm.failed_attempts)
     stop = Path(args.stop_file) if args.stop_file else None
@@ -126,11 +142,12 @@ def main() -> None:
             args.steps, stop = int(stop.read_text()), None
             continue
         syncs = algo.counters["outer_syncs"]
-        if algo.step_kind() is not StepKind.PSEUDO_SYNC:
-            x, y = batch(args.replica, algo.step)
-            torch.nn.functional.mse_loss(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        with window():
+            if compute():
+                x, y = batch(args.replica, algo.step)
+                backward(torch.nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
         if algo.counters["outer_syncs"] != syncs:
             event("sync", algo)
         if args.step_seconds:
