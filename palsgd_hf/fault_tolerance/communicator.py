@@ -98,7 +98,8 @@ class ManagedCommunicator(Communicator):
             raise RuntimeError(
                 f"replica {self.settings.replica_id}: no quorum of >= {self.settings.min_replicas} replicas within "
                 f"quorum_timeout_seconds={self.settings.quorum_timeout_seconds} at {self.position} ({e}). Check that "
-                "the lighthouse runs and enough replicas are alive, or raise quorum_timeout_seconds above a sync period."
+                "the lighthouse runs and enough replicas are alive, or raise quorum_timeout_seconds above a sync "
+                "period."
             ) from e
 
     def weighted_mean(self, flat: torch.Tensor, weight: float, call: str) -> torch.Tensor:
@@ -145,9 +146,9 @@ class ManagedCommunicator(Communicator):
                            "retrying with a new quorum", self.settings.replica_id, call, position, attempt,
                            self.settings.max_attempts)
         raise RuntimeError(
-            f"replica {self.settings.replica_id}: {call} at {position} was not committed in {self.settings.max_attempts} "
-            "quorums (replicas keep failing or the lighthouse's min_replicas is not met); see the torchft errors above, "
-            "or raise max_attempts."
+            f"replica {self.settings.replica_id}: {call} at {position} was not committed in "
+            f"{self.settings.max_attempts} quorums (replicas keep failing or the lighthouse's min_replicas is not "
+            "met); see the torchft errors above, or raise max_attempts."
         )
 
     # ------------------------------------------------------------------ what PALSGD calls

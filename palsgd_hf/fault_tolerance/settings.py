@@ -49,12 +49,14 @@ class FaultToleranceConfig:
         if self.min_replicas > self.replicas:
             raise PALSGDConfigError(
                 f"min_replicas={self.min_replicas} exceeds replicas={self.replicas}: no sync could ever happen; "
-                f"use at most {self.replicas} (replicas // 2 + 1 = {self.replicas // 2 + 1} avoids two disjoint quorums)."
+                f"use at most {self.replicas} (replicas // 2 + 1 = {self.replicas // 2 + 1} avoids two disjoint "
+                "quorums)."
             )
         _check_int("replica_id", self.replica_id, 0, "number the replicas 0..replicas-1")
         if self.replica_id >= self.replicas:
             raise PALSGDConfigError(
-                f"replica_id={self.replica_id} must be below replicas={self.replicas}; number them 0..{self.replicas - 1}."
+                f"replica_id={self.replica_id} must be below replicas={self.replicas}; number them "
+                f"0..{self.replicas - 1}."
             )
         _check_int("max_attempts", self.max_attempts, 1, "use e.g. 5")
         for name in ("timeout_seconds", "quorum_timeout_seconds"):

@@ -27,7 +27,8 @@ class Cluster:
     def __init__(self, out: Path, *args: str, heartbeat_timeout_ms: int = 1000, join_timeout_ms: int = 3000):
         self.out, self.args = out, args
         out.mkdir(parents=True, exist_ok=True)
-        self.lighthouse = start_lighthouse(2, join_timeout_ms=join_timeout_ms, heartbeat_timeout_ms=heartbeat_timeout_ms)
+        self.lighthouse = start_lighthouse(2, join_timeout_ms=join_timeout_ms,
+                                           heartbeat_timeout_ms=heartbeat_timeout_ms)
         self.procs: dict[int, subprocess.Popen] = {}
         self.finished: list[subprocess.Popen] = []
         self._logs: list = []
