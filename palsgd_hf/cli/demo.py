@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..lm import load_tokenizer
+from .demo_link import Link, compare, parse_mbit
+from .demo_report import format_table, plot_curves, write_summary
 from .errors import report_user_errors
 from .launch import build_command, launch_env
 from .recipe import RecipeError, load_recipe
-from .demo_link import Link, compare, parse_mbit
-from .demo_report import format_table, plot_curves, write_summary
 from .result import RESULT_FILE, read_result
 
 logger = logging.getLogger(__name__)
