@@ -97,6 +97,7 @@ class FaultTolerantSession:
         self.transfer: Optional[StateTransfer] = None
         self.algorithm: Optional[PALSGD] = None
         self._gradient_steps_at_sync = 0
+        self._closed = False
 
     # ------------------------------------------------------------------ building
     def wrap_optimizer(
@@ -199,7 +200,10 @@ class FaultTolerantSession:
         }
 
     def shutdown(self) -> None:
-        self.manager.shutdown(wait=False)
+        """Stop this replica's manager server and state transport (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self.manager.shutdown(wait=False)
 
 
 def _check_supported(model: torch.nn.Module, config: PALSGDConfig) -> None:

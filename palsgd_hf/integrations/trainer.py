@@ -120,7 +120,7 @@ class PALSGDTrainerMixin(FSDP2TrainerMixin):
             self._palsgd_resolve_pull()
             # model_wrapped is what accelerate prepared (DDP): build_algorithm picks the adapter from it.
             # Collective: every rank builds its process groups here.
-            self.palsgd = build_algorithm(self.model_wrapped, self.optimizer, self.palsgd_config, comm_timeout=timeout)
+            self.palsgd = self._palsgd_build_algorithm(timeout)
             self.optimizer = PALSGDOptimizer(self.optimizer, self.palsgd)
         self.callback_handler.optimizer = self.optimizer
         if resume_from_checkpoint is not None:
@@ -128,6 +128,10 @@ class PALSGDTrainerMixin(FSDP2TrainerMixin):
         self._palsgd_computed_at_log = self._palsgd_computed()
         self._palsgd_announce()
         return model, train_dataloader
+
+    def _palsgd_build_algorithm(self, timeout) -> PALSGD:
+        """This rank's PALSGD (overridden by the fault-tolerant trainer, whose exchanges torchft manages)."""
+        return build_algorithm(self.model_wrapped, self.optimizer, self.palsgd_config, comm_timeout=timeout)
 
     def _palsgd_resolve_pull(self) -> None:
         """palsgd_pull = c at the peak: eta = pull*p/peak from the schedule's peak (before the algorithm exists)."""

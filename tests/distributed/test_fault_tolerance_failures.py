@@ -4,7 +4,8 @@
   committed, and is retried with a new quorum of the two live replicas.
 * Per-replica coins: replicas take different numbers of gradient steps, so a sync's mean is weighted by them;
   a replica killed and restarted rejoins with a coin stream of its own (not a copy of its peer's).
-* The Accelerate hooks (FaultTolerantAccelerate): kill, restart and rejoin as in the hand-written loop.
+* The Accelerate hooks (FaultTolerantAccelerate) and the Trainer (FaultTolerantTrainer): kill, restart and
+  rejoin as in the hand-written loop.
 * The replica serving a rejoin killed while it serves: the rejoining replica's transfer fails, and it takes
   the state from the remaining live replica at the next quorum.
 
@@ -90,8 +91,9 @@ def test_per_replica_coins_kill_and_rejoin(tmp_path):
         assert len(set(gradient_steps.values())) > 1, gradient_steps  # the coins differ, so the weights do
 
 
-def test_accelerate_hooks_kill_and_rejoin(tmp_path):
-    with Cluster(tmp_path, *ARGS, "--accelerate", "--stop-file", str(tmp_path / "stop")) as ft:
+@pytest.mark.parametrize("integration", ["--accelerate", "--trainer"])
+def test_integrations_kill_and_rejoin(tmp_path, integration):
+    with Cluster(tmp_path, *ARGS, integration, "--stop-file", str(tmp_path / "stop")) as ft:
         run = run_interrupted(ft)
         survivors = [by_step(ft.syncs(r)) for r in (0, 1)]
         assert any(e["participants"] == 2 for e in survivors[0].values())

@@ -88,6 +88,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--step-seconds", type=float, default=0.0)
     p.add_argument("--accelerate", action="store_true", help="through the Accelerate hooks")
+    p.add_argument("--trainer", action="store_true", help="through FaultTolerantTrainer")
     p.add_argument("--coins", default="shared", choices=["shared", "per_replica"])
     p.add_argument("--hang-in-sync", type=int, default=None, help="at this sync, stall before the all-reduce")
     p.add_argument("--slow-serve", type=float, default=0.0, help="stall this long before serving a rejoin")
@@ -106,6 +107,12 @@ def main() -> None:
             line["anchor"] = anchor_sha(algo)
         events.write(json.dumps(line) + "\n")
 
+    def finish(model, algo) -> None:
+        weights = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in model.parameters())).hexdigest()
+        result = {"replica": args.replica, "step": algo.step, "anchor": anchor_sha(algo), "weights": weights,
+                  "eval_loss": eval_loss(model), "ft": session.metrics(), "counters": dict(algo.counters)}
+        (out / f"result_{args.replica}_{os.getpid()}.json").write_text(json.dumps(result))
+
     torch.manual_seed(args.replica)  # deliberately different initial weights per replica
     model = torch.nn.Linear(DIM, 1)
     inner = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
@@ -116,6 +123,10 @@ def main() -> None:
                                     quorum_timeout_seconds=args.quorum_timeout)
     session = FaultTolerantSession(settings)
     started = time.time()
+    if args.trainer:
+        from ft_trainer_replica import train_with_trainer
+
+        return train_with_trainer(args, session, config, event, started, finish)
     if args.accelerate:  # the Accelerate hooks: wrap() builds PALSGD over torchft and joins
         from accelerate import Accelerator
 
@@ -153,10 +164,7 @@ def main() -> None:
         if args.step_seconds:
             time.sleep(args.step_seconds)
     algo.finalize()
-    weights = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in model.parameters())).hexdigest()
-    result = {"replica": args.replica, "step": algo.step, "anchor": anchor_sha(algo), "weights": weights,
-              "eval_loss": eval_loss(model), "ft": session.metrics(), "counters": dict(algo.counters)}
-    (out / f"result_{args.replica}_{os.getpid()}.json").write_text(json.dumps(result))
+    finish(model, algo)
     session.shutdown()
     events.close()
 
