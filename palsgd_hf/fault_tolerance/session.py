@@ -92,6 +92,7 @@ class FaultTolerantSession:
             replica_id=f"palsgd_{settings.replica_id}",
             hostname=settings.hostname,
             init_sync=True,  # a fresh start takes the first replica's state: identical replicas
+            checkpoint_transport=_http_transport(settings),
         )
         self.comm = ManagedCommunicator(self.manager, settings)
         self.transfer: Optional[StateTransfer] = None
@@ -204,6 +205,18 @@ class FaultTolerantSession:
         if not self._closed:
             self._closed = True
             self.manager.shutdown(wait=False)
+
+
+def _http_transport(settings: FaultToleranceConfig):
+    """torchft's HTTP checkpoint transport, advertised under ``settings.hostname`` (torchft 0.2.0 advertises
+    ``socket.gethostname()``, which need not resolve to an address the other replicas reach)."""
+    from torchft.checkpointing import HTTPTransport
+
+    class _Transport(HTTPTransport):
+        def address(self) -> str:
+            return f"http://{settings.hostname}:{self._server.socket.getsockname()[1]}/checkpoint/"
+
+    return _Transport(timeout=settings.timeout, num_chunks=0)
 
 
 def _check_supported(model: torch.nn.Module, config: PALSGDConfig) -> None:
