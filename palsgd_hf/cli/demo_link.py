@@ -63,6 +63,13 @@ class Link:
         ring = 2 * (world - 1) / world
         return ring * 8 * comm_bytes / (self.mbit * 1e6) + 2 * (world - 1) * comm_calls * self.latency_ms / 1e3
 
+    def formula(self, world: int) -> str:
+        """The charge in words, for ``world`` processes (the ring factors written out only where they are not 1)."""
+        ring = "" if world == 2 else "2(n-1)/n x "
+        hops = "2" if world == 2 else "2(n-1)"
+        latency = f" + collectives x {hops} hops x {self.latency_ms:g} ms" if self.latency_ms else ""
+        return f"measured training s + {ring}bytes sent x 8 / {self.mbit:g} Mbit/s{latency}"
+
     def describe(self) -> dict[str, Any]:
         return {**asdict(self), "emulated": True, "label": self.label,
                 "model": "modeled_s = train_s + 2(n-1)/n * 8 * comm_bytes / bandwidth + 2(n-1) * comm_calls * latency"}

@@ -33,9 +33,9 @@ def format_table(results: dict[str, dict[str, Any]], modeled: dict[str, dict[str
     lines.insert(1, "  ".join("-" * w for w in widths))
     first = next(iter(modeled.values()))
     if link.on:
-        lines.insert(0, f"Link: {link.label.upper()} (modeled, not measured): modeled s = measured training s + "
-                        "bytes sent x 8 / bandwidth" + (" + collectives x 2 hops x latency" if link.latency_ms else "")
-                        + "; measured s = training time on loopback, evaluations excluded.")
+        world = next(iter(results.values()))["world_size"]
+        lines.insert(0, f"Link: {link.label.upper()} (modeled, not measured): modeled s = {link.formula(world)}; "
+                        "measured s = training time on loopback, evaluations excluded.")
     else:
         lines.insert(0, "Link: none (--link_mbit 0): modeled s = measured training s on loopback.")
     if len(results) > 1:
@@ -102,12 +102,12 @@ def plot_curves(results: dict[str, dict[str, Any]], modeled: dict[str, dict[str,
     by_step.set_xlabel("optimizer step")
     by_time.set_xlabel("measured training time on loopback (s)")
     by_link.set_xlabel(f"MODELED time (s) over an {link.label} link" if link.on else "training time (s), no link model")
-    by_link.set_title("modeled: measured s + bytes sent x 8 / bandwidth" if link.on else "link model off", fontsize=9)
+    world = next(iter(results.values()))["world_size"]
+    by_link.set_title(f"modeled s = {link.formula(world)}" if link.on else "link model off", fontsize=9)
     by_step.set_ylabel("eval loss (global model)")
     for ax in (by_step, by_time, by_link):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    world = next(iter(results.values()))["world_size"]
     fig.suptitle(f"Tiny GPT-Neo on Shakespeare, {world} processes: DDP vs PALSGD")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

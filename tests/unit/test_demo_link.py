@@ -48,6 +48,9 @@ def test_modeled_time_charges_bytes_and_latency():
     off = modeled_curve(DDP, Link(None), 2)
     assert all(p["modeled_s"] == p["measured_s"] for p in off)
     assert modeled_curve(DDP, Link(1000.0), 1)[-1]["modeled_s"] == 20.2  # one process sends nothing
+    assert Link(100.0).formula(2) == "measured training s + bytes sent x 8 / 100 Mbit/s"
+    assert Link(10.0, 2).formula(4) == ("measured training s + 2(n-1)/n x bytes sent x 8 / 10 Mbit/s"
+                                        " + collectives x 2(n-1) hops x 2 ms")
 
 
 def test_time_to_loss_is_a_point_on_the_curve_or_none():
