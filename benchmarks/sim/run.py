@@ -11,7 +11,9 @@ global_batch / K of the same rows, so step t reads the same global batch for eve
 the model's initialization (one seed) and the learning-rate schedule (linear warm-up, cosine decay
 to 10 % of the peak). Recorded: the kind of every step, which steps ended in a global sync, and the
 global model's eval loss every ``eval_every`` steps (the anchor in the local phase: the model as of the
-last sync) and after the final sync.
+last sync, for every variant: overlapped and fragment syncs included) and after the final sync. For the wire
+benchmark also: the bytes each step booked, the steps that launched an overlapped sync, the bytes of the final
+syncs, and every worker's drift at each of its syncs.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ import torch
 from palsgd_hf.adapters.module import ModuleAdapter
 from palsgd_hf.config import PALSGDConfig
 from palsgd_hf.core.algorithm import PALSGD, StepKind
+from palsgd_hf.core.sync_policy import AdaptiveSchedule
 from palsgd_hf.core.tensor_ops import lerp_
 from palsgd_hf.lm import build_causal_lm, build_lm_datasets, load_tokenizer, shakespeare_corpus
 from tests.helpers.threads import run_threads
 
-from .wall_time import Costs
+from .modeled_clock import ModeledClock, ModeledCommunicator
+from .wall_time import Costs, Link, allreduce_seconds
 
 BLOCK = 64
 VOCAB = 2048
@@ -64,10 +68,18 @@ class SimSpec:
     eval_every: int = 16
     seed: int = 0
     preset: str = "tiny"
+    # What travels and when (benchmarks/sim/wire.py); the defaults are the whole model, fp32, blocking.
+    comm_dtype: str = "fp32"
+    fragments: int = 1
+    overlap_steps: int = 0
+    # sync_policy='auto' decides from a modeled clock (benchmarks/sim/modeled_clock.py) on this link (bit/s).
+    sync_policy: str = "fixed"
+    link_bps: Optional[float] = None
 
     def config(self) -> PALSGDConfig:
         kw = dict(method=self.method, sync_interval=self.sync_interval, warmup_steps=self.warmup_steps,
-                  seed=self.seed, pseudo_sync_prob=self.pseudo_sync_prob)
+                  seed=self.seed, pseudo_sync_prob=self.pseudo_sync_prob, comm_dtype=self.comm_dtype,
+                  fragments=self.fragments, overlap_steps=self.overlap_steps, sync_policy=self.sync_policy)
         if self.method in ("palsgd", "diloco"):
             kw.update(outer_lr=self.outer_lr, outer_momentum=self.outer_momentum)
             if self.outer_momentum == 0:
@@ -90,6 +102,8 @@ class SimResult:
     model_bytes: int
     seconds: float  # real seconds the simulation took (all workers, one core)
     digests: list  # per worker: SHA-256 of its final parameters (after the last sync)
+    traffic: dict = dataclasses.field(default_factory=dict)  # see :func:`simulate`
+    drifts: list = dataclasses.field(default_factory=list)  # per worker: (step, drift) at each sync it launched
 
     @property
     def final_loss(self) -> float:
@@ -136,9 +150,13 @@ def evaluate(model: torch.nn.Module, val_ids: torch.Tensor) -> float:
     return loss
 
 
-def simulate(spec: SimSpec) -> SimResult:
-    """Run ``spec`` to the end; the global model is evaluated on rank 0 (the others wait at the next collective)."""
+def simulate(spec: SimSpec, costs: Optional[Costs] = None) -> SimResult:
+    """Run ``spec`` to the end; the global model is evaluated on rank 0 (the others wait at the next collective).
+
+    ``costs``: the modeled costs of a step, needed by ``sync_policy='auto'`` (its modeled clock)."""
     cfg = spec.config()
+    if cfg.sync_policy == "auto" and (costs is None or spec.link_bps is None or spec.overlap_steps):
+        raise ValueError("sync_policy='auto' in the simulator needs costs, link_bps and overlap_steps=0")
     b = micro_batch(spec)
     train_ids, val_ids = load_data(spec.steps * spec.global_batch)
     started = time.perf_counter()
@@ -150,35 +168,63 @@ def simulate(spec: SimSpec) -> SimResult:
         model = copy.deepcopy(base)
         inner = torch.optim.AdamW(model.parameters(), lr=spec.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(inner, lr_lambda(spec.steps, spec.lr_warmup))
+        clock = None
+        if cfg.sync_policy == "auto":
+            clock, link = ModeledClock(), Link("modeled", spec.link_bps)
+            comm = ModeledCommunicator(comm, clock, link, costs)
+            step_cost = {StepKind.GRADIENT: costs.compute_s, StepKind.PSEUDO_SYNC: costs.pull_s,
+                         StepKind.WARMUP: costs.compute_s + allreduce_seconds(bytes_of(base), spec.workers, link)}
         algo = PALSGD(cfg, ModuleAdapter(model, inner), peers=comm, replica_index=rank)
-        kinds, synced, evals = [], [], []
+        if clock is not None:
+            algo.schedule = AdaptiveSchedule(cfg, clock=clock)
+        kinds, synced, evals, wire, launched, drifts, intervals = [], [], [], [], [], [], []
         for t in range(spec.steps):
             kind = algo.step_kind()
             if kind is not StepKind.PSEUDO_SYNC:
                 at = t * spec.global_batch + rank * b
                 batch = train_ids[at : at + b]
                 model(input_ids=batch, labels=batch).loss.backward()
-            syncs = algo.counters["outer_syncs"]
+            syncs, sent, pending = algo.counters["outer_syncs"], comm.stats.bytes_sent, algo._pending
+            if clock is not None:
+                clock.advance(step_cost[kind])  # before the step ends: the policy's timer reads it there
             algo.optimizer_step(inner.step)
             sched.step()
             inner.zero_grad()
             kinds.append(kind.value)
-            synced.append(algo.counters["outer_syncs"] > syncs)
+            synced.append(algo.counters["outer_syncs"] > syncs)  # blocking: this step's sync; overlap: one landed
+            wire.append(comm.stats.bytes_sent - sent)
+            if algo._pending is not None and algo._pending is not pending:
+                launched.append(t)
+            if clock is not None and (not intervals or intervals[-1][1] != algo.schedule.interval):
+                intervals.append((t + 1, algo.schedule.interval))  # the auto policy's decisions
+            if synced[-1] and spec.overlap_steps == 0 or launched and launched[-1] == t:
+                drifts.append((t + 1, algo.last_drift))
             if rank == 0 and (t + 1) % spec.eval_every == 0 and t + 1 < spec.steps:
                 with algo.global_weights():
                     evals.append((t + 1, evaluate(model, val_ids)))
-        syncs = algo.counters["outer_syncs"]
+        syncs, sent = algo.counters["outer_syncs"], comm.stats.bytes_sent
+        if algo._pending is not None:
+            algo.apply_pending()  # the sync in flight lands; its tail of bytes is booked apart from the final sync's
+        tail, sent = comm.stats.bytes_sent - sent, comm.stats.bytes_sent
         algo.finalize()
+        traffic = {"wire": wire, "launched": launched, "tail": tail, "final": comm.stats.bytes_sent - sent}
+        if clock is not None:
+            traffic["intervals"] = intervals
         synced[-1] = synced[-1] or algo.counters["outer_syncs"] > syncs
         if rank == 0:
             evals.append((spec.steps, evaluate(model, val_ids)))
-        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        nbytes = bytes_of(model)
         digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
-        return kinds, synced, evals, nbytes, digest
+        return kinds, synced, evals, nbytes, digest, traffic, drifts
 
-    results = run_threads(spec.workers, worker)
-    kinds, synced, evals, nbytes, _ = results[0]
-    return SimResult(spec, evals, kinds, synced, nbytes, time.perf_counter() - started, [r[4] for r in results])
+    results = run_threads(spec.workers, worker, timeout=4 * 3600)  # a long run on a loaded core is no hang
+    kinds, synced, evals, nbytes, _, traffic, _ = results[0]
+    return SimResult(spec, evals, kinds, synced, nbytes, time.perf_counter() - started, [r[4] for r in results],
+                     traffic, [r[6] for r in results])
+
+
+def bytes_of(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _quartile(xs: list[float]) -> float:

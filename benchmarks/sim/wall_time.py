@@ -79,3 +79,50 @@ def time_to_target(
         if loss <= target:
             return times[steps - 1] if steps > 0 else 0.0
     return None
+
+
+def modeled_times_traffic(kinds: Sequence[str], synced: Sequence[bool], traffic: dict, model_bytes: float,
+                          workers: int, costs: Costs, link: Link, overlap: int, fragments: int) -> list[float]:
+    """Cumulative modeled seconds after each step, charging each sync the bytes it really booked.
+
+    For the wire benchmark (fp32 / bf16 / int8 / int4, fragments, overlap). ``traffic`` is what
+    :func:`benchmarks.sim.run.simulate` records: ``wire`` (bytes booked by each step), ``launched`` (steps
+    that launched an overlapped sync), ``tail`` (bytes of the sync in flight booked at the end) and
+    ``final`` (the bytes of the final syncs). A sync's payload M is priced as a ring all-reduce of M bytes
+    (the bf16 / int8 / int4 exchanges move the same volume as one: a reduce-scatter plus an all-gather).
+
+    * blocking (``overlap`` = 0): the step that syncs pays the outer step's local work (1/F of the whole
+      model's for one fragment) plus the transfer;
+    * overlapped: the launching step pays the local work; the transfer runs behind the next d steps, and the
+      step where it lands pays only what those steps did not hide: max(0, transfer - their modeled time).
+      (Overlap is modeled as perfect: on real machines the background transfer competes for the cores.)
+    * the end: a sync still in flight lands (its exposed part), then one blocking sync of every fragment.
+    """
+    allreduce = allreduce_seconds(model_bytes, workers, link)
+    per_kind = {WARMUP: costs.compute_s + allreduce, GRADIENT: costs.compute_s, PSEUDO_SYNC: costs.pull_s}
+    wire, launched = traffic["wire"], set(traffic["launched"])
+    local = costs.sync_local_s / fragments
+    total, out, flight = 0.0, [], None  # flight: (modeled time at launch, transfer seconds)
+
+    def payload(start: int) -> float:  # bytes from a launch until the next launch (the exchange's two halves)
+        end = next((t for t in sorted(launched) if t > start), len(wire))
+        return sum(wire[start:end]) + (traffic["tail"] if end == len(wire) else 0)
+
+    for t, kind in enumerate(kinds):
+        total += per_kind[kind]
+        if overlap and flight is not None and synced[t]:
+            total += max(0.0, flight[1] - (total - flight[0]))
+            flight = None
+        if overlap and t in launched:
+            total += local
+            flight = (total, allreduce_seconds(payload(t), workers, link))
+        elif not overlap and wire[t] and kind != WARMUP:  # in the local phase only a sync sends anything
+            total += local + allreduce_seconds(wire[t], workers, link)
+        out.append(total)
+    if flight is not None:
+        total += max(0.0, flight[1] - (total - flight[0]))
+    if traffic["final"]:
+        total += costs.sync_local_s + allreduce_seconds(traffic["final"], workers, link)
+    if out:
+        out[-1] = total
+    return out

@@ -69,8 +69,11 @@ class ThreadCommunicator(Communicator):
         return None
 
 
-def run_threads(size: int, fn) -> list:
-    """Run ``fn(rank, comm)`` on ``size`` threads; return their results, re-raising the first error."""
+def run_threads(size: int, fn, timeout: float = 120.0) -> list:
+    """Run ``fn(rank, comm)`` on ``size`` threads; return their results, re-raising the first error.
+
+    A thread still running after ``timeout`` seconds is an error (a hang, or a run longer than its caller allowed).
+    """
     group = ThreadGroup(size)
     results, errors = [None] * size, []
 
@@ -85,7 +88,10 @@ def run_threads(size: int, fn) -> list:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
+        t.join(timeout)
     if errors:
         raise errors[0]
+    if any(t.is_alive() for t in threads):
+        group.barrier.abort()
+        raise TimeoutError(f"a worker thread was still running after {timeout:g} s")
     return results
