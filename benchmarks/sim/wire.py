@@ -65,9 +65,8 @@ def modeled(rec: dict, store: Store, link: Link) -> list[float]:
 
 def sent_bytes(rec: dict) -> tuple[float, float]:
     """(bytes one worker sent in the whole run, the largest single sync's payload)."""
-    if "traffic" not in rec:
-        steps = len(rec["kinds"])
-        return rec["model_bytes"] * (steps if rec["spec"]["method"] == "ddp" else len(rec["synced"])), rec["model_bytes"]
+    if "traffic" not in rec:  # fp32, whole model, blocking: one model's bytes per warm-up step and per sync
+        return rec["model_bytes"] * (rec["kinds"].count("w") + len(rec["synced"])), rec["model_bytes"]
     tr = rec["traffic"]
     local = [b for b, k in zip(tr["wire"], rec["kinds"]) if k != "w" and b]
     warm = sum(b for b, k in zip(tr["wire"], rec["kinds"]) if k == "w")

@@ -122,6 +122,11 @@ class PALSGD(GlobalModelViews, OuterSyncs):
     def in_local_phase(self) -> bool:
         return self._anchor is not None
 
+    @property
+    def current_kind(self) -> Optional[StepKind]:
+        """The kind drawn for the step in progress (None between steps)."""
+        return self._kind
+
     def step_kind(self) -> StepKind:
         """What step t does. Drawn once per step (the coin is cached until the step finishes).
 

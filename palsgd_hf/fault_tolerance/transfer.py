@@ -61,7 +61,7 @@ class StateTransfer:
     def phase(self) -> str:
         """'warmup' (inside a warm-up step), 'sync' (inside a global sync), or 'start' (the local phase starts)."""
         algo = self.algorithm
-        if algo._kind is StepKind.WARMUP:
+        if algo.current_kind is StepKind.WARMUP:
             return "warmup"
         return "sync" if algo.in_local_phase else "start"
 
