@@ -38,14 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: be
 
 logger = logging.getLogger("overlap_bench")
 
-# (label, overlap_steps, comm_dtype); the first is the baseline the others are compared with.
+# (label, overlap_steps, comm_dtype, fragments); the first is the baseline the others are compared with.
 VARIANTS = {
-    "blocking-fp32": (0, "fp32"),
-    "overlap2-fp32": (2, "fp32"),
-    "overlap4-fp32": (4, "fp32"),
-    "blocking-bf16": (0, "bf16"),
-    "overlap2-bf16": (2, "bf16"),
-    "overlap4-bf16": (4, "bf16"),
+    "blocking-fp32": (0, "fp32", 1),
+    "overlap2-fp32": (2, "fp32", 1),
+    "overlap4-fp32": (4, "fp32", 1),
+    "blocking-bf16": (0, "bf16", 1),
+    "overlap2-bf16": (2, "bf16", 1),
+    "overlap4-bf16": (4, "bf16", 1),
+    "blocking-int8": (0, "int8", 1),
+    "blocking-int4": (0, "int4", 1),
+    "blocking-int8-F4": (0, "int8", 4),
+    "overlap2-int8-F4": (2, "int8", 4),
+    "overlap2-int4-F4": (2, "int4", 4),
 }
 
 
@@ -64,6 +69,7 @@ def worker(spec_path: str) -> None:
     # The harness's arguments plus the two settings under test (validated when the trainer reads them).
     targs.palsgd_overlap_steps = settings.extra["overlap_steps"]
     targs.palsgd_comm_dtype = settings.extra["comm_dtype"]
+    targs.palsgd_fragments = settings.extra.get("fragments", 1)
     with targs.main_process_first():
         tokenizer, train, evals = prepare_data(settings)
     model = build_causal_lm(config_overrides=MODEL_SIZES[settings.model_size], tokenizer=tokenizer,
@@ -228,11 +234,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             cluster.up()
         for seed in seeds:
             for name in variants:
-                overlap, dtype = VARIANTS[name]
+                overlap, dtype, fragments = VARIANTS[name]
                 run_dir = (args.out / f"{name}-seed{seed}").resolve()
                 run_dir.mkdir(parents=True, exist_ok=True)
                 run_settings = dataclasses.replace(settings, seed=seed,
-                                                   extra={"overlap_steps": overlap, "comm_dtype": dtype})
+                                                   extra={"overlap_steps": overlap, "comm_dtype": dtype,
+                                                          "fragments": fragments})
                 spec = {**run_settings.to_dict(), "method": "palsgd", "target_loss": None, "min_steps": 0,
                         "out": str(run_dir / "record.json")}
                 (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
@@ -240,7 +247,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 launch([str(Path(__file__).resolve()), "--worker", str(run_dir / "spec.json")], settings.workers,
                        run_dir, cluster=cluster, timeout=args.run_timeout)
                 record = json.loads((run_dir / "record.json").read_text())
-                runs[name][seed] = summarize(record, settings.sync_interval, overlap)
+                # Fragments sync every H / F steps (fragment i at floor(i H / F) of each period).
+                runs[name][seed] = summarize(record, settings.sync_interval // fragments, overlap)
                 logger.info("  %s", {k: v for k, v in runs[name][seed].items() if k != "syncs"})
     finally:
         if cluster is not None:
