@@ -156,18 +156,21 @@ def test_zero_resume_in_the_middle_of_a_wait_is_exact(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("overlap", ["0", "2"])
-def test_zero_int8_with_residuals_resumes_exactly(tmp_path, overlap):
+@pytest.mark.parametrize("overlap,fragments,syncs", [("0", "1", 4), ("2", "1", 4), ("1", "2", 8)],
+                         ids=["blocking", "overlap2", "overlap1-2-fragments"])
+def test_zero_int8_with_residuals_resumes_exactly(tmp_path, overlap, fragments, syncs):
     """int8 on the wire with error feedback over ZeRO-2 partitions (2 replicas x 2 shards): one global model at
-    the end, and a checkpoint after 5 steps (residuals of the sync at 4 held; with overlap, that sync in flight)
-    resumes onto the same trajectory, bit for bit."""
-    run = ("--mode", "ds", "--stage", "2", *ZERO_ARGS[2:], "--overlap", overlap, "--comm-dtype", "int8")
+    the end, and a checkpoint after 5 steps (residuals of the sync at 4 held; with overlap 2, that sync in flight)
+    resumes onto the same trajectory, bit for bit. With 2 fragments each rank cuts its own flat partition in two,
+    synced at counts 2 mod 4 and 0 mod 4 (6 fragment syncs, then finalize's 2)."""
+    run = ("--mode", "ds", "--stage", "2", *ZERO_ARGS[2:], "--overlap", overlap, "--comm-dtype", "int8",
+           "--fragments", fragments)
     full = torchrun("overlap_ds_run.py", 4, tmp_path / "full", *run, timeout=300)
     torchrun("overlap_ds_run.py", 4, tmp_path / "saved", *run, "--save-at", "5", timeout=300)
     resumed = torchrun("overlap_ds_run.py", 4, tmp_path / "resumed", *run, "--resume", str(tmp_path / "saved" / "ckpt"),
                        timeout=300)
     assert all(x["final"] == full[0]["final"] for x in full)
-    assert all(x["metrics"]["outer_syncs"] == 4 and x["metrics"]["skipped_syncs"] == 0 for x in full)
+    assert all(x["metrics"]["outer_syncs"] == syncs and x["metrics"]["skipped_syncs"] == 0 for x in full)
     for a, b in zip(full, resumed):
         assert b["owned"] == a["owned"][5:] and b["final"] == a["final"], f"rank {a['rank']}: resumed run differs"
 
