@@ -25,7 +25,7 @@ from typing import Iterable, Optional
 import torch
 
 from .run import SimSpec
-from .sweep import KIND_NAMES, Store, past, times_of
+from .sweep import KIND_NAMES, Store, key_of, past, times_of
 from .wall_time import Link, modeled_times_traffic, time_to_target
 
 LINKS = (Link("100 Mbit/s", 100e6), Link("20 Mbit/s", 20e6))
@@ -87,14 +87,14 @@ def table(store: Store, seeds: list[int]) -> tuple[str, dict]:
         ddp_t, per = {}, {}
         for seed in seeds:
             ddp, variants = specs(seed)
-            rec = store.runs.get(_key(ddp))
+            rec = store.runs.get(key_of(ddp))
             if rec is None:
                 continue
             target = rec["evals"][-1][1]
             ddp_t[seed] = time_to_target(rec["evals"], modeled(rec, store, link), target)
             per.setdefault("DDP", []).append((rec, ddp_t[seed]))
             for v, spec in variants.items():
-                r = store.runs.get(_key(spec))
+                r = store.runs.get(key_of(spec))
                 if r is not None:
                     per.setdefault(v, []).append((r, time_to_target(r["evals"], modeled(r, store, link), target)))
         ddp_median = statistics.median(ddp_t.values()) if ddp_t else None
@@ -119,12 +119,6 @@ def table(store: Store, seeds: list[int]) -> tuple[str, dict]:
     return "\n\n".join(rows) + "\n", summary
 
 
-def _key(spec: SimSpec) -> str:
-    from .sweep import key_of
-
-    return key_of(spec)
-
-
 def plot(store: Store, seeds: list[int], path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -135,19 +129,19 @@ def plot(store: Store, seeds: list[int], path: Path) -> None:
     shown = [("DDP", ddp)] + [(name(v), variants[v]) for v in
                               [("fp32", 1, 0), ("bf16", 1, 0), ("int8", 1, 0), ("int4", 4, 2)]]
     for label, spec in shown:
-        rec = store.runs.get(_key(spec))
+        rec = store.runs.get(key_of(spec))
         if rec is None:
             continue
         times = modeled(rec, store, link)
         by_time.plot([times[s - 1] for s, _ in rec["evals"]], [loss for _, loss in rec["evals"]], label=label)
-    target = store.runs.get(_key(ddp))
+    target = store.runs.get(key_of(ddp))
     if target is not None:
         by_time.axhline(target["evals"][-1][1], color="gray", lw=0.5, ls="--")
     by_time.set_xlabel(f"MODELED wall time at {link.name} (s)")
     by_time.set_ylabel("eval loss of the global model")
     by_time.set_ylim(top=7.0)
     by_time.legend(fontsize=7)
-    rec = store.runs.get(_key(variants[("int8", 4, 2)]))
+    rec = store.runs.get(key_of(variants[("int8", 4, 2)]))
     if rec is not None and rec.get("drifts"):
         for replica, rows in enumerate(rec["drifts"]):
             drift.plot([s for s, _ in rows], [d for _, d in rows], marker=".", lw=0.8, label=f"replica {replica}")

@@ -94,8 +94,8 @@ class Fragments:
         """The pieces of each parameter group's tensors (groups hold consecutive owned tensors)."""
         if self.count == 1:
             return groups
-        pieces = self.split([t for g in groups for t in g])
-        owner = [i for i, _, _, _ in self.layout([t for g in groups for t in g]).pieces]
+        pieces = self.split([t for g in groups for t in g])  # sets the layout of these tensors
+        owner = [i for i, _, _, _ in self._layout.pieces]
         out, first = [], 0
         for g in groups:
             last = first + len(g)
