@@ -79,8 +79,9 @@ class PALSGDConfig:
         default="fixed",
         metadata={"help": f"One of {SYNC_POLICIES}. 'fixed': a sync every sync_interval steps. 'auto': the interval "
                   "is re-decided at every sync from the measured local-step time and sync time, so that the "
-                  "exposed communication stays near comm_target of the wall time, and grows only while the "
-                  "workers' drift stays within twice its value at the first sync (palsgd_hf/core/sync_policy.py)."},
+                  "exposed communication stays near comm_target of the wall time; a cheap link never takes it "
+                  "below sync_interval, and it grows only while the workers' drift stays within twice its value "
+                  "at sync_interval (palsgd_hf/core/sync_policy.py)."},
     )
     comm_target: float = field(
         default=0.1,

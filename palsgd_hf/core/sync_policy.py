@@ -15,13 +15,16 @@ so the fraction t_sync / ((1 - p) H t_step + t_sync) equals rho at
 
 The next interval is H* rounded up, moved at most a factor 2 from the current one (one noisy
 measurement cannot swing it), and kept within [max(overlap_steps + 1, sync_interval / 8),
-max_sync_interval (default 8 x sync_interval)]: a link that costs nothing (one replica's node, a
-fully hidden overlapped exchange) does not drive H to 1, which would make the outer optimizer,
-tuned for its H, step every step. Quality guard: H may grow only while the workers' drift at the
-sync (relative distance of the local weights from the anchor) is at most twice the baseline drift,
-the largest drift measured while H was at most the user's ``sync_interval``: longer intervals are
-allowed while they do not let the replicas wander further apart than they did at the user's
-interval. The first period starts at the local phase and lasts ``sync_interval`` steps (it is
+max_sync_interval (default 8 x sync_interval)]. The link alone never takes H below the user's
+``sync_interval``: that interval is a quality choice, and on a link where syncs cost nothing a
+shorter one bought no quality in the benchmarks (BENCHMARKS.md, "``sync_policy="auto"``") while it
+adds outer steps; so ``auto`` raises H above the user's only to keep exposed communication near
+the target. Quality guard: the drift at a sync (relative distance of the local weights from the
+anchor) is compared with the baseline drift, the largest drift measured while H was at most the
+user's ``sync_interval``. H may grow only while the drift is at most twice the baseline; beyond
+that, whatever the link asks, H shrinks (at most by half per decision) toward the interval that
+would bring the drift back to the baseline if drift grew in proportion to H, if need be below the
+user's interval. The first period starts at the local phase and lasts ``sync_interval`` steps (it is
 not shortened to a multiple of H as in the fixed schedule). With one replica there is nothing to
 wait for and H stays.
 
@@ -181,12 +184,21 @@ class AdaptiveSchedule:
             return current  # no gradient step measured in the period (all pseudo-syncs): keep H
         rho, p = self.config.comm_target, self.config.pseudo_sync_prob
         wanted = t_sync * (1.0 - rho) / (rho * (1.0 - p) * t_step)
-        target = max(1, math.ceil(wanted - 1e-9))
-        target = min(max(target, math.ceil(current / MAX_CHANGE)), math.floor(current * MAX_CHANGE))
+        target = self._bounded(current, math.ceil(wanted - 1e-9))
+        # A cheap link alone never takes H below the user's interval: in every sweep here a shorter H bought no
+        # quality (H 8 was behind H 16 on every link and seed) and it costs outer steps.
+        target = max(target, min(current, self.config.sync_interval))
         baseline = self.baseline_drift or 0.0
-        if target > current and baseline > 0 and drift > DRIFT_ALLOWANCE * baseline:
-            target = current  # quality guard: the replicas already drift twice as far as at the baseline
+        if baseline > 0 and drift > DRIFT_ALLOWANCE * baseline:
+            # Quality first: the replicas drift over twice as far as at the user's interval. Shrink toward the
+            # interval that would bring the drift back to the baseline if drift grew in proportion to H.
+            target = min(target, current, self._bounded(current, math.floor(current * baseline / drift)))
         return int(min(max(target, self.low), self.high))
+
+    @staticmethod
+    def _bounded(current: int, wanted: int) -> int:
+        """``wanted``, at least 1, moved at most a factor MAX_CHANGE away from ``current``."""
+        return min(max(wanted, 1, math.ceil(current / MAX_CHANGE)), math.floor(current * MAX_CHANGE))
 
     def metrics(self) -> dict[str, float]:
         out = {"sync_interval": float(self.interval)}
