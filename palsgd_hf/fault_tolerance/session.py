@@ -21,8 +21,14 @@ replica takes the first replica's state (torchft's ``init_sync``), so all start 
 and resumes at the peer's point: inside a sync it runs that sync with a zero contribution (its
 anchor then equals the others' bit for bit); inside a warm-up step it continues that step.
 
-Supported: one process per replica, a plain module, blocking fp32 exchanges at a fixed interval
-(the settings that need other collectives are refused before any work, naming the fix).
+A replica may be one process, or S ranks of its own ``torch.distributed`` world (its own torchrun) that
+shard the model with FSDP2 (``fully_shard(module, mesh=shard_mesh(S))``, ``shard_size=S``). Each rank then
+runs a ``Manager`` with ``rank=r, world_size=S`` and the replica's id: torchft's managed group of rank r
+holds rank r of every replica in the quorum (PALSGD's peers: same shard, every replica), a rejoining rank
+takes its shard's state from the same rank of a live replica, and the commit vote covers the whole replica.
+
+Supported: a plain module (one process) or FSDP2 (S ranks, no warm-up), blocking fp32 exchanges at a fixed
+interval (the settings that need other collectives are refused before any work, naming the fix).
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ..adapters.fsdp import FSDPAdapter, is_fsdp2
 from ..adapters.module import ModuleAdapter
 from ..config import PALSGDConfig, PALSGDConfigError
 from ..core.algorithm import PALSGD
-from ..core.comm import LocalCommunicator
+from ..core.comm import Communicator, LocalCommunicator
 from ..core.optimizer import PALSGDOptimizer
 from .communicator import ManagedCommunicator
 from .settings import FaultToleranceConfig
@@ -66,15 +73,12 @@ class FaultTolerantSession:
             from torchft import Manager, ProcessGroupGloo
         except ImportError as e:  # the optional extra
             raise ImportError("the fault-tolerant mode needs torchft: pip install 'palsgd_hf[ft]'") from e
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise PALSGDConfigError(
-                f"the fault-tolerant mode runs one process per replica, but this replica's torch.distributed world has "
-                f"{dist.get_world_size()} ranks; launch each replica as its own single process (torchrun "
-                "--nproc_per_node 1 per replica, or none)."
-            )
         self.settings = settings
-        # The store torchft's gloo groups rendezvous in when this replica hosts a quorum: a free port.
-        self._store = dist.TCPStore(settings.hostname, 0, is_master=True, wait_for_workers=False)
+        # A replica of S ranks is its own torch.distributed world (its own torchrun): rank r of it is shard r.
+        self.group_rank, self.group_size = _replica_world()
+        # The store torchft's gloo groups rendezvous in when this replica hosts a quorum, and where the
+        # replica's ranks find their manager server: rank 0 starts it on a free port and tells the others.
+        self._store, store_host, store_port = _replica_store(settings.hostname, self.group_rank, self.group_size)
         self.manager = Manager(
             pg=ProcessGroupGloo(timeout=settings.timeout),
             load_state_dict=self._restore,
@@ -84,10 +88,10 @@ class FaultTolerantSession:
             timeout=settings.timeout,
             quorum_timeout=settings.quorum_timeout,
             connect_timeout=settings.timeout,
-            rank=0,
-            world_size=1,
-            store_addr=settings.hostname,
-            store_port=self._store.port,
+            rank=self.group_rank,  # torchft pairs rank r of every replica in the quorum: PALSGD's peers
+            world_size=self.group_size,
+            store_addr=store_host,
+            store_port=store_port,
             lighthouse_addr=settings.lighthouse,
             replica_id=f"palsgd_{settings.replica_id}",
             hostname=settings.hostname,
@@ -125,10 +129,17 @@ class FaultTolerantSession:
         """The PALSGD of this replica, its exchanges managed (for integrations that wrap the optimizer themselves)."""
         if self.algorithm is not None:
             raise RuntimeError("this FaultTolerantSession already drives a PALSGD; use one session per model.")
-        _check_supported(model, config)
-        adapter = ModuleAdapter(model, optimizer, None)
+        _check_supported(model, config, self.group_size)
+        if self.group_size > 1:
+            # FSDP2 over the replica's own world: shard r exchanges with shard r of the other replicas (torchft's
+            # group of rank r); the replica's ranks agree on a skipped sync over their world. No broadcast: join()
+            # gives every rank the state of the same rank of the first replica.
+            adapter = FSDPAdapter(model, optimizer, self.comm, config.shard_size, broadcast=False)
+            replica = Communicator(None, self.settings.timeout)
+        else:
+            adapter, replica = ModuleAdapter(model, optimizer, None), LocalCommunicator()
         self.algorithm = PALSGD(
-            config, _IdenticalStart(adapter), peers=self.comm, replica=LocalCommunicator(),
+            config, _IdenticalStart(adapter), peers=self.comm, replica=replica,
             replica_index=self.settings.replica_id,
             anchor_device=torch.device("cpu") if config.anchor_device == "cpu" else None,
         )
@@ -219,25 +230,62 @@ def _http_transport(settings: FaultToleranceConfig):
     return _Transport(timeout=settings.timeout, num_chunks=0)
 
 
-def _check_supported(model: torch.nn.Module, config: PALSGDConfig) -> None:
+def _replica_world() -> tuple[int, int]:
+    """(rank, ranks) of this replica's own torch.distributed world; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _replica_store(hostname: str, rank: int, size: int):
+    """The replica's store: rank 0 hosts it on a free port; its (host, port) reach the other ranks by broadcast
+    over the replica's world (torchft's managers of one replica must share one store)."""
+    store = dist.TCPStore(hostname, 0, is_master=True, wait_for_workers=False) if rank == 0 else None
+    where = [hostname, store.port] if store is not None else [None, None]
+    if size > 1:
+        dist.broadcast_object_list(where, src=0)
+    return store, where[0], int(where[1])
+
+
+def _check_supported(model: torch.nn.Module, config: PALSGDConfig, replica_ranks: int = 1) -> None:
     """Refuse, before any work, the settings whose collectives the managed exchange does not carry."""
     refused = {
         "overlap_steps": (config.overlap_steps != 0, "0 (blocking syncs)"),
         "comm_dtype": (config.comm_dtype != "fp32", "'fp32'"),
         "sync_policy": (config.sync_policy != "fixed", "'fixed'"),
         "replica_metrics": (bool(config.replica_metrics), "False"),
-        "shard_size": (config.shard_size != 1, "1 (one process per replica)"),
+        "shard_size": (config.shard_size != replica_ranks,
+                       f"{replica_ranks} (the ranks of this replica's torch.distributed world)"),
         "fragments": (getattr(config, "fragments", 1) != 1, "1"),
     }
     for name, (bad, fix) in refused.items():
         if bad:
             raise PALSGDConfigError(
                 f"{name}={getattr(config, name)!r} is not supported by the fault-tolerant mode (each exchange is one "
-                f"managed fp32 all-reduce); use {name}={fix}, or run without fault tolerance."
+                f"managed fp32 all-reduce per shard); use {name}={fix}, or run without fault tolerance."
             )
     if type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
         raise PALSGDConfigError(
-            f"the fault-tolerant mode got a {type(model).__name__}; it runs one process per replica with a plain "
-            "module: pass the module itself."
+            f"the fault-tolerant mode got a {type(model).__name__}; a replica of one rank takes the plain module, a "
+            "replica of several ranks an FSDP2 model (fully_shard over shard_mesh(S)): pass the module itself."
         )
+    if replica_ranks > 1:
+        _check_sharded_replica(model, config, replica_ranks)
 
+
+def _check_sharded_replica(model: torch.nn.Module, config: PALSGDConfig, replica_ranks: int) -> None:
+    if config.method == "ddp" or config.warmup_steps > 0:
+        # A warm-up step averages each FSDP module's gradient shard in its own managed exchange (inside backward):
+        # a replica restarted then could not resume in the middle of that step.
+        raise PALSGDConfigError(
+            f"warmup_steps={config.warmup_steps} (method={config.method!r}) is not supported by a fault-tolerant "
+            f"replica of {replica_ranks} ranks: its warm-up gradient means run inside FSDP's backward, where a "
+            "restarted replica cannot rejoin. Use warmup_steps=0 (method 'palsgd' or 'diloco'), or one process per "
+            "replica."
+        )
+    if not is_fsdp2(model):
+        raise PALSGDConfigError(
+            f"this replica's torch.distributed world has {replica_ranks} ranks but the model is not sharded with FSDP2; "
+            "the fault-tolerant mode shards a replica with fully_shard(module, mesh=shard_mesh(S)) only (DDP or "
+            "DeepSpeed inside a replica: not yet). Shard it so, or launch each replica as one process."
+        )

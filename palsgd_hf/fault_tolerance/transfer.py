@@ -14,6 +14,10 @@ blocked there) and serves the result over its checkpoint transport (HTTP); the r
   at the same point of the same step;
 * ``extra``: whatever the caller registered (an LR scheduler, a data position).
 
+In a replica of S ranks (FSDP2) each rank serves and takes its own shard: torchft pairs rank r of the
+rejoining replica with rank r of the serving one, and the weights, anchor and inner optimizer state
+travel as that rank's local shards.
+
 Kept as the receiver's own: its replica index, its communication counters. With per-replica coins
 its generator is reseeded from (seed, replica, step) rather than copied: a copy would make two
 replicas flip the same coins from then on.
@@ -68,6 +72,11 @@ class StateTransfer:
     def owned(self) -> list[torch.Tensor]:
         return [t for g in self.algorithm.adapter.owned_groups() for t in g.tensors]
 
+    def _inner_state(self) -> dict[str, Any]:
+        # Sharded (FSDP2) optimizer state travels as this rank's local shards: plain tensors, no device mesh.
+        local = getattr(self.algorithm.adapter, "local_optimizer_state", None)
+        return local(self.inner) if local is not None else self.inner.state_dict()
+
     # ------------------------------------------------------------------ the serving side
     def capture(self) -> dict[str, Any]:
         self.served += 1
@@ -77,7 +86,7 @@ class StateTransfer:
             "position": list(self.comm.position),
             "algorithm": self.algorithm.state_dict(),
             "weights": self.owned(),
-            "inner": self.inner.state_dict(),
+            "inner": self._inner_state(),
             "extra": {key: fns[0]() for key, fns in self.extra.items()},
         })
 
@@ -97,7 +106,11 @@ class StateTransfer:
             for t, saved in zip(self.owned(), state["weights"]):
                 t.copy_(saved)
         algo.adapter.after_write()
-        self.inner.load_state_dict(state["inner"])
+        load_local = getattr(algo.adapter, "load_local_optimizer_state", None)  # FSDP2: this rank's shard of it
+        if load_local is not None:
+            load_local(self.inner, state["inner"])
+        else:
+            self.inner.load_state_dict(state["inner"])
         for key, (_, load) in self.extra.items():
             if key in state["extra"]:
                 load(state["extra"][key])

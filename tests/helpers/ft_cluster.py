@@ -1,8 +1,11 @@
 """Replicas of a fault-tolerant run as real processes on loopback, with a lighthouse, kills and timeouts.
 
 Each replica runs tests/distributed/scripts/ft_replica.py in its own process (and process group, so that
-a kill takes everything it started). The lighthouse runs in the test process on a free port. Every wait
-has a deadline; on a timeout or a replica exiting with an error the replicas' logs are in the message.
+a kill takes everything it started); with ``ranks=S > 1`` it runs a script under its own
+``torchrun --standalone --nproc_per_node S`` (a replica of S ranks, its own torch.distributed world), and a
+kill takes the launcher and every rank (torchrun starts each rank in a session of its own). The lighthouse
+runs in the test process on a free port. Every wait has a deadline; on a timeout or a replica exiting with
+an error the replicas' logs are in the message.
 """
 
 from __future__ import annotations
@@ -18,14 +21,34 @@ from typing import Callable
 
 from palsgd_hf.fault_tolerance import start_lighthouse
 
-SCRIPT = Path(__file__).resolve().parents[1] / "distributed" / "scripts" / "ft_replica.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "distributed" / "scripts"
+SCRIPT = SCRIPTS / "ft_replica.py"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), found before a kill: torchrun's ranks are in sessions of
+    their own, so killing its process group would leave them running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 class Cluster:
     """Start, kill and restart replicas; read their events and results."""
 
-    def __init__(self, out: Path, *args: str, heartbeat_timeout_ms: int = 1000, join_timeout_ms: int = 3000):
-        self.out, self.args = out, args
+    def __init__(self, out: Path, *args: str, heartbeat_timeout_ms: int = 1000, join_timeout_ms: int = 3000,
+                 script: Path = SCRIPT, ranks: int = 1, restarts: int = 0):
+        self.out, self.args, self.script, self.ranks, self.restarts = out, args, script, ranks, restarts
         out.mkdir(parents=True, exist_ok=True)
         self.lighthouse = start_lighthouse(2, join_timeout_ms=join_timeout_ms,
                                            heartbeat_timeout_ms=heartbeat_timeout_ms)
@@ -47,31 +70,43 @@ class Cluster:
         log = (self.out / f"log_{replica}.txt").open("a")
         self._logs.append(log)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        launcher = [] if self.ranks == 1 else [
+            "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.ranks}",
+            f"--max-restarts={self.restarts}"]
         self.procs[replica] = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--out", str(self.out), "--lighthouse", self.lighthouse.address(),
-             "--replica", str(replica), *self.args, *extra],
+            [sys.executable, *launcher, str(self.script), "--out", str(self.out), "--lighthouse",
+             self.lighthouse.address(), "--replica", str(replica), *self.args, *extra],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         return time.time()
 
     def kill(self, replica: int) -> float:
         proc = self.procs.pop(replica)
+        ranks = descendants(proc.pid)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         killed = time.time()
         proc.wait(timeout=30)
         return killed
 
-    def events(self, replica: int) -> list[dict]:
-        path = self.out / f"events_{replica}.jsonl"
+    def events(self, replica: int, rank: int | None = None) -> list[dict]:
+        """The events of ``replica`` (of its rank ``rank`` in a replica of several ranks)."""
+        path = self.out / (f"events_{replica}.jsonl" if rank is None else f"events_{replica}_{rank}.jsonl")
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
-    def syncs(self, replica: int, pid: int | None = None) -> list[dict]:
-        return [e for e in self.events(replica) if e["kind"] == "sync" and (pid is None or e["pid"] == pid)]
+    def syncs(self, replica: int, pid: int | None = None, rank: int | None = None) -> list[dict]:
+        """Its syncs (of the process ``pid``: the replica's process, or its torchrun launcher)."""
+        return [e for e in self.events(replica, rank)
+                if e["kind"] == "sync" and (pid is None or pid in (e["pid"], e.get("launcher")))]
 
     def wait_for(self, done: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.time() + timeout

@@ -1,0 +1,174 @@
+"""The fault-tolerant mode with replicas of 2 ranks each (FSDP2 shards inside a replica), on real processes.
+
+Each replica is its own ``torchrun --standalone --nproc_per_node 2`` (its own torch.distributed world, gloo on
+loopback); FSDP2 shards one model copy over its two ranks; PALSGD's exchanges go through torchft and a real
+lighthouse, rank r of every replica exchanging shard r (tests/distributed/scripts/ft_fsdp_replica.py).
+
+* Default: 2 replicas x 2 ranks, no failure. The run ends with one global model (per shard, the same anchor
+  on both replicas, and every rank's weights equal to it) that matches the non-fault-tolerant sharded run
+  (one torchrun of 4 ranks, same model, data, coins) within 1e-5 per value. Why not bit for bit: the managed
+  mean is sum(w x_k) / sum(w) with w the gradient steps of the period (one fp32 multiply and divide more per
+  value than the plain mean: a few ulps per sync), the rest is the same arithmetic; the weights are O(1) and
+  10 syncs each add at most a few ulps (~1e-7), so 1e-5 leaves a margin of 100 and still catches any
+  algorithmic difference (a missed or doubled outer step moves values by ~1e-2).
+* Slow: 3 replicas x 2 ranks; the whole of replica 2 (launcher and both ranks) is killed mid-period and
+  restarted (as torchrun --max-restarts would). The two others sync without it and keep training; both of
+  its ranks rejoin at a later sync with the others' anchor shard bit for bit; the run ends with one global
+  model on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+pytest.importorskip("torchft")
+
+from tests.helpers.ft_cluster import SCRIPTS, Cluster  # noqa: E402
+from tests.helpers.launch import torchrun  # noqa: E402
+
+H, SHARDS = 4, 2
+SCRIPT = SCRIPTS / "ft_fsdp_replica.py"
+
+
+def by_step(syncs: list[dict]) -> dict[int, dict]:
+    return {e["step"]: e for e in syncs}
+
+
+def one_global_model(results: list[dict], replicas: int) -> dict[int, list[float]]:
+    """Every rank's final anchor shard equals that of the same shard on every replica, and its weights equal it."""
+    assert len(results) == replicas * SHARDS, [(r["replica"], r["shard"]) for r in results]
+    anchors = {}
+    for shard in range(SHARDS):
+        same = [r for r in results if r["shard"] == shard]
+        assert len({r["anchor"] for r in same}) == 1, f"shard {shard}: the replicas end with different anchors"
+        assert all(r["weights"] == r["anchor"] for r in same), f"shard {shard}: weights differ from the anchor"
+        anchors[shard] = same[0]["anchor_values"]
+    return anchors
+
+
+@pytest.mark.timeout(300)
+def test_two_sharded_replicas_match_the_unsharded_fault_free_run(tmp_path):
+    steps = 10 * H
+    with Cluster(tmp_path / "ft", "--steps", str(steps), "--sync-interval", str(H), "--same-init", script=SCRIPT,
+                 ranks=SHARDS) as ft:
+        for r in range(2):
+            ft.start(r)
+        # The reference runs meanwhile: one torchrun of 2 replicas x 2 ranks, no fault tolerance.
+        reference = torchrun(SCRIPT.name, 2 * SHARDS, tmp_path / "ref", "--no-ft", "--replicas", "2",
+                             "--steps", str(steps), "--sync-interval", str(H), timeout=200)
+        ft.wait_all(timeout=200)
+        results = ft.results()
+        for rank in range(SHARDS):
+            syncs = ft.syncs(0, rank=rank)
+            assert [e["step"] for e in syncs] == list(range(H, steps + 1, H)), syncs
+            assert all(e["participants"] == 2 for e in syncs)
+            assert [e["anchor"] for e in syncs] == [e["anchor"] for e in ft.syncs(1, rank=rank)]
+    anchors = one_global_model(results, 2)
+    for ref in reference:
+        ft_rank = next(r for r in results if r["replica"] == ref["replica"] and r["shard"] == ref["shard"])
+        assert ft_rank["counters"]["outer_syncs"] == ref["counters"]["outer_syncs"] == steps // H
+        assert ft_rank["counters"]["pseudo_syncs"] == ref["counters"]["pseudo_syncs"]
+        gap = max(abs(a - b) for a, b in zip(anchors[ref["shard"]], ref["anchor_values"]))
+        assert gap <= 1e-5, f"shard {ref['shard']}: {gap:.3g} from the non-fault-tolerant run"
+    print(f"\nFT x FSDP2 (2 replicas x 2 ranks): final anchor within "
+          f"{max(abs(a - b) for r in reference for a, b in zip(anchors[r['shard']], r['anchor_values'])):.2g} "
+          "of the non-fault-tolerant sharded run")
+
+
+def stop_at(ft: Cluster, margin_periods: int = 6) -> int:
+    """Tell every replica to end at one step some periods ahead (a multiple of H)."""
+    latest = max(e["step"] for r in range(3) for s in range(SHARDS) for e in ft.events(r, s))
+    end = (latest // H + margin_periods) * H
+    tmp = ft.out / "stop.tmp"
+    tmp.write_text(str(end))
+    tmp.rename(ft.out / "stop")  # atomic: a rank reads all of it or nothing
+    return end
+
+
+def kill_and_rejoin(tmp_path, kill, restarts: int = 0) -> dict:
+    """3 replicas x 2 ranks; ``kill(ft)`` takes replica 2 down mid-period after its second sync (and restarts it,
+    or lets its torchrun do it). Checks that the survivors go on, that every rank of replica 2 rejoins with its
+    shard of the others' anchor bit for bit, and that the run ends with one global model."""
+    with Cluster(tmp_path, "--replicas", "3", "--steps", "1000000", "--sync-interval", str(H), "--step-seconds",
+                 "0.1", "--stop-file", str(tmp_path / "stop"), script=SCRIPT, ranks=SHARDS, restarts=restarts) as ft:
+        for r in range(3):
+            ft.start(r)
+        ft.wait_for(lambda: all(len(ft.syncs(2, rank=s)) >= 2 for s in range(SHARDS)), timeout=200,
+                    what="replica 2's second sync on both ranks")
+        victims = {s: ft.syncs(2, rank=s)[-1]["pid"] for s in range(SHARDS)}
+        killed_at, restarted_at = kill(ft)
+
+        def rejoined(shard: int) -> list[dict]:
+            return [e for e in ft.events(2, shard) if e["kind"] == "joined" and e["t"] > killed_at]
+
+        ft.wait_for(lambda: all(rejoined(s) and len(ft.syncs(2, rejoined(s)[0]["pid"], s)) >= 2
+                                for s in range(SHARDS)), timeout=200, what="the restarted replica's syncs")
+        steps = stop_at(ft)
+        ft.wait_all(timeout=200)
+        results = ft.results()
+        for shard in range(SHARDS):
+            survivors = [by_step(ft.syncs(r, rank=shard)) for r in (0, 1)]
+            killed_step = max(e["step"] for e in ft.syncs(2, victims[shard], shard))
+            after_kill = sorted(s for s in survivors[0] if survivors[0][s]["t"] > killed_at)
+            # The survivors synced without the dead replica, and kept training to the end.
+            assert any(survivors[0][s]["participants"] == 2 for s in after_kill), after_kill
+            assert max(survivors[0]) == steps and max(survivors[1]) == steps
+            for step, event in survivors[0].items():
+                assert survivors[1][step]["anchor"] == event["anchor"], (shard, step)
+            # This rank of the restarted replica rejoined at a later sync with its shard of the others' anchor.
+            joined = rejoined(shard)[0]
+            assert joined["pid"] != victims[shard] and joined["rejoined"] and joined["step"] > killed_step, joined
+            assert joined["anchor"] == survivors[0][joined["step"]]["anchor"]
+            for step, event in by_step(ft.syncs(2, joined["pid"], shard)).items():
+                assert event["anchor"] == survivors[0][step]["anchor"], (shard, step)
+            assert survivors[0][steps]["participants"] == 3  # the last sync had all three again
+    one_global_model([r for r in results if r["step"] == steps], 3)
+    again = [r for r in results if r["replica"] == 2]
+    assert len(again) == SHARDS and all(r["ft"]["rejoins"] >= 1 for r in again), again
+    print(f"\nFT x FSDP2 (3 replicas x 2 ranks): replica 2 down at step {killed_step}, rejoined at step "
+          f"{joined['step']}, {joined['t'] - restarted_at:.2f} s after its restart (join() {joined['seconds']:.2f} s);"
+          f" the run ended at step {steps} with one global model")
+    return {"killed_step": killed_step, "joined": joined}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_kill_a_whole_sharded_replica_and_rejoin_per_shard(tmp_path):
+    """The launcher and both ranks of replica 2 killed at once (a lost host), then the replica restarted."""
+    def kill(ft: Cluster) -> tuple[float, float]:
+        killed_at = ft.kill(2)
+        return killed_at, ft.start(2)
+
+    kill_and_rejoin(tmp_path, kill)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_one_dead_rank_restarts_its_replica_which_rejoins(tmp_path):
+    """Only rank 1 of replica 2 killed: its replica's world is broken; its torchrun (--max-restarts 1) stops the
+    other rank and restarts the whole replica, which rejoins. No rank is left hanging."""
+    def kill(ft: Cluster) -> tuple[float, float]:
+        os.kill(ft.syncs(2, rank=1)[-1]["pid"], signal.SIGKILL)
+        now = time.time()
+        return now, now
+
+    kill_and_rejoin(tmp_path, kill, restarts=1)
+
+
+def test_sharded_replica_settings_are_refused_before_any_work():
+    import torch
+
+    from palsgd_hf import PALSGDConfig, PALSGDConfigError
+    from palsgd_hf.fault_tolerance.session import _check_supported
+
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(PALSGDConfigError, match=r"shard_size=2 is not supported .* use shard_size=1 \(the ranks"):
+        _check_supported(model, PALSGDConfig(sync_interval=8, shard_size=2, warmup_steps=0), 1)
+    with pytest.raises(PALSGDConfigError, match="warmup_steps=4 .* replica of 2 ranks: .* Use warmup_steps=0"):
+        _check_supported(model, PALSGDConfig(sync_interval=8, shard_size=2, warmup_steps=4), 2)
+    with pytest.raises(PALSGDConfigError, match="2 ranks but the model is not sharded with FSDP2"):
+        _check_supported(model, PALSGDConfig(sync_interval=8, shard_size=2, warmup_steps=0), 2)
