@@ -17,13 +17,14 @@ from .demo_link import Link
 def format_table(results: dict[str, dict[str, Any]], modeled: dict[str, dict[str, Any]], link: Link) -> str:
     """Plain-text table, one row per method, with the link model stated above it and the common loss below."""
     at = f"@{link.mbit:g}Mbit" if link.on else "(no link)"
-    header = ("method", "eval loss", "MB sent/rank", "syncs", "measured s", f"modeled s {at}",
+    header = ("method", "steps", "eval loss", "MB sent/rank", "syncs", "measured s", f"modeled s {at}",
               "to DDP's loss, modeled s", "x DDP")
     rows = [header]
     for method, r in results.items():
         p, m = r.get("palsgd", {}), modeled[method]
         rows.append((
-            method, f"{r['final_eval_loss']:.4f}", f"{p.get('comm_bytes', 0) / 1e6:.1f}",
+            method, str(r.get("global_steps", "-")), f"{r['final_eval_loss']:.4f}",
+            f"{p.get('comm_bytes', 0) / 1e6:.1f}",
             f"{p.get('outer_syncs', 0):.0f}", f"{m['measured_s']:.1f}", f"{m['modeled_s']:.1f}",
             _time_cell(m, r), "-" if m["x_ddp"] is None else f"{m['x_ddp']:.2f}",
         ))
