@@ -15,6 +15,7 @@ gradient steps).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -81,8 +82,12 @@ def run(args, coins: str, seed: int, train_ids: torch.Tensor, val_ids: torch.Ten
     cfg = PALSGDConfig(sync_interval=args.H, pseudo_sync_prob=args.p, mixing_rate=args.eta, warmup_steps=8,
                        outer_momentum=0.5, seed=seed, coins=coins)
 
+    # Built once, copied per worker: build_causal_lm seeds torch's global generator, and worker threads doing that
+    # at the same time interleave their draws, so the workers (and the runs) would start from different models.
+    base = build_causal_lm(vocab_size=2048, seed=seed)
+
     def worker(rank, comm):
-        model = build_causal_lm(vocab_size=2048, seed=seed)
+        model = copy.deepcopy(base)
         inner = torch.optim.AdamW(model.parameters(), lr=args.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda t: max(0.0, 1 - t / args.steps))
         algo = PALSGD(cfg, ModuleAdapter(model, inner), peers=comm, replica_index=rank)
