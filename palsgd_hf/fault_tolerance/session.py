@@ -178,9 +178,11 @@ class FaultTolerantSession:
             self.comm.position = ("join", 0, "join")
             self.comm.start_quorum()
             peer = self.comm.healed_at
-            if self.manager.errored() is None and peer is not None and peer[0] != "join":
+            # The ranks of a replica take one branch: a transfer that failed on one of them fails the replica's join.
+            if self._replica_all(self.manager.errored() is None) and peer is not None and peer[0] != "join":
                 # The others are inside an exchange and wait for us in it: resume at their point.
                 self.comm.quorum_ready = True
+                self._agree_counters()
                 logger.info("replica %d rejoins at step %d (the others are at %s)",
                             self.settings.replica_id, self.algorithm.step, tuple(peer))
                 if peer[2] == "sync":
@@ -199,6 +201,23 @@ class FaultTolerantSession:
             f"replica {self.settings.replica_id} could not join in {self.settings.max_attempts} quorums; see the "
             "torchft errors above (the peer serving the state died, or the lighthouse is unreachable)."
         )
+
+    def _replica_all(self, ok: bool) -> bool:
+        """``ok`` on every rank of this replica (its own world; no collective for a one-process replica)."""
+        if self.group_size == 1:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _agree_counters(self) -> None:
+        # torchft serves each rank of a rejoining replica from a live replica of its own choice, so with per-replica
+        # coins the ranks may have taken different replicas' step counts: the replica reports rank 0's.
+        if self.group_size > 1:
+            counters = [self.algorithm.counters]
+            dist.broadcast_object_list(counters, src=0)
+            self.algorithm.counters.update(counters[0])
+            self._gradient_steps_at_sync = self.algorithm.counters["gradient_steps"]
 
     # ------------------------------------------------------------------ reporting, ending
     def metrics(self) -> dict[str, float]:

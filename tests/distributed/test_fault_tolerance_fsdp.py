@@ -89,12 +89,13 @@ def stop_at(ft: Cluster, margin_periods: int = 6) -> int:
     return end
 
 
-def kill_and_rejoin(tmp_path, kill, restarts: int = 0) -> dict:
+def kill_and_rejoin(tmp_path, kill, restarts: int = 0, coins: str = "shared") -> dict:
     """3 replicas x 2 ranks; ``kill(ft)`` takes replica 2 down mid-period after its second sync (and restarts it,
     or lets its torchrun do it). Checks that the survivors go on, that every rank of replica 2 rejoins with its
     shard of the others' anchor bit for bit, and that the run ends with one global model."""
     with Cluster(tmp_path, "--replicas", "3", "--steps", "1000000", "--sync-interval", str(H), "--step-seconds",
-                 "0.1", "--stop-file", str(tmp_path / "stop"), script=SCRIPT, ranks=SHARDS, restarts=restarts) as ft:
+                 "0.1", "--stop-file", str(tmp_path / "stop"), "--coins", coins, script=SCRIPT, ranks=SHARDS,
+                 restarts=restarts) as ft:
         for r in range(3):
             ft.start(r)
         ft.wait_for(lambda: all(len(ft.syncs(2, rank=s)) >= 2 for s in range(SHARDS)), timeout=200,
@@ -117,8 +118,8 @@ def kill_and_rejoin(tmp_path, kill, restarts: int = 0) -> dict:
             # The survivors synced without the dead replica, and kept training to the end.
             assert any(survivors[0][s]["participants"] == 2 for s in after_kill), after_kill
             assert max(survivors[0]) == steps and max(survivors[1]) == steps
-            for step, event in survivors[0].items():
-                assert survivors[1][step]["anchor"] == event["anchor"], (shard, step)
+            for step in survivors[0].keys() & survivors[1].keys():  # one may have joined late (min_replicas=2)
+                assert survivors[1][step]["anchor"] == survivors[0][step]["anchor"], (shard, step)
             # This rank of the restarted replica rejoined at a later sync with its shard of the others' anchor.
             joined = rejoined(shard)[0]
             assert joined["pid"] != victims[shard] and joined["rejoined"] and joined["step"] > killed_step, joined
@@ -127,6 +128,9 @@ def kill_and_rejoin(tmp_path, kill, restarts: int = 0) -> dict:
                 assert event["anchor"] == survivors[0][step]["anchor"], (shard, step)
             assert survivors[0][steps]["participants"] == 3  # the last sync had all three again
     one_global_model([r for r in results if r["step"] == steps], 3)
+    for replica in range(3):  # the ranks of a replica report one history (rank 0's after a rejoin)
+        counters = [r["counters"] for r in results if r["replica"] == replica]
+        assert counters[0] == counters[1], (replica, counters)
     again = [r for r in results if r["replica"] == 2]
     assert len(again) == SHARDS and all(r["ft"]["rejoins"] >= 1 for r in again), again
     print(f"\nFT x FSDP2 (3 replicas x 2 ranks): replica 2 down at step {killed_step}, rejoined at step "
@@ -148,27 +152,20 @@ def test_kill_a_whole_sharded_replica_and_rejoin_per_shard(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_one_dead_rank_restarts_its_replica_which_rejoins(tmp_path):
-    """Only rank 1 of replica 2 killed: its replica's world is broken; its torchrun (--max-restarts 1) stops the
-    other rank and restarts the whole replica, which rejoins. No rank is left hanging."""
+def test_one_dead_rank_ends_its_replica_which_restarts_and_rejoins(tmp_path):
+    """Only rank 1 of replica 2 killed: its replica's world is broken. Its torchrun stops the other rank and ends
+    (no rank is left hanging in a collective); the replica is then restarted whole, as a scheduler (or torchrun
+    --max-restarts) would, and rejoins. With per-replica coins: replicas take different step kinds (the ranks of
+    one replica must agree, or FSDP's collectives inside it would pair a forward with nothing and time out),
+    syncs are weighted means, and the restarted replica draws from a coin stream reseeded from (seed, replica,
+    step) on both of its ranks alike."""
     def kill(ft: Cluster) -> tuple[float, float]:
         os.kill(ft.syncs(2, rank=1)[-1]["pid"], signal.SIGKILL)
-        now = time.time()
-        return now, now
+        killed_at = time.time()
+        rc = ft.wait_exit(2, timeout=60)
+        ended = time.time() - killed_at
+        assert rc != 0 and ended < 30, (rc, ended)  # far below the collective and quorum timeouts
+        print(f"\nrank 1 of replica 2 killed: the replica's torchrun ended (rc={rc}) {ended:.2f} s later")
+        return killed_at, ft.start(2)
 
-    kill_and_rejoin(tmp_path, kill, restarts=1)
-
-
-def test_sharded_replica_settings_are_refused_before_any_work():
-    import torch
-
-    from palsgd_hf import PALSGDConfig, PALSGDConfigError
-    from palsgd_hf.fault_tolerance.session import _check_supported
-
-    model = torch.nn.Linear(2, 1)
-    with pytest.raises(PALSGDConfigError, match=r"shard_size=2 is not supported .* use shard_size=1 \(the ranks"):
-        _check_supported(model, PALSGDConfig(sync_interval=8, shard_size=2, warmup_steps=0), 1)
-    with pytest.raises(PALSGDConfigError, match="warmup_steps=4 .* replica of 2 ranks: .* Use warmup_steps=0"):
-        _check_supported(model, PALSGDConfig(sync_interval=8, shard_size=2, warmup_steps=4), 2)
-    with pytest.raises(PALSGDConfigError, match="2 ranks but the model is not sharded with FSDP2"):
-        _check_supported(model, PALSGDConfig(sync_interval=8, shard_size=2, warmup_steps=0), 2)
+    kill_and_rejoin(tmp_path, kill, coins="per_replica")

@@ -96,6 +96,18 @@ class Cluster:
         proc.wait(timeout=30)
         return killed
 
+    def wait_exit(self, replica: int, timeout: float) -> int:
+        """Wait for ``replica``'s process (its torchrun) to end by itself; its exit code. Past ``timeout`` it is
+        killed and the test fails: something inside the replica hung."""
+        proc = self.procs[replica]
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(replica)
+            raise AssertionError(f"replica {replica} did not end within {timeout} s{self.logs()}") from None
+        self.procs.pop(replica)
+        return rc
+
     def events(self, replica: int, rank: int | None = None) -> list[dict]:
         """The events of ``replica`` (of its rank ``rank`` in a replica of several ranks)."""
         path = self.out / (f"events_{replica}.jsonl" if rank is None else f"events_{replica}_{rank}.jsonl")

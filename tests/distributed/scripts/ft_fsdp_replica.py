@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--stop-file", default=None, help="when it appears, it holds the step to end at (all agree)")
     p.add_argument("--timeout", type=float, default=20.0)
     p.add_argument("--quorum-timeout", type=float, default=60.0)
+    p.add_argument("--coins", default="shared", choices=["shared", "per_replica"])
     p.add_argument("--same-init", action="store_true", help="every replica from seed 0 (as the reference)")
     p.add_argument("--no-ft", action="store_true", help="the non-fault-tolerant reference: R x S ranks, one torchrun")
     args = p.parse_args()
@@ -84,7 +85,8 @@ def main() -> None:
         fully_shard(layer, mesh=mesh)
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     config = PALSGDConfig(sync_interval=args.sync_interval, warmup_steps=0, pseudo_sync_prob=0.3, mixing_rate=1.0,
-                          outer_lr=0.7, outer_momentum=0.5, seed=3, shard_size=shard_size)
+                          outer_lr=0.7, outer_momentum=0.5, seed=3, shard_size=shard_size,
+                          coins=args.coins)
     session = None
     if args.no_ft:
         from palsgd_hf import wrap_optimizer
