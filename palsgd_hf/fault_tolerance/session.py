@@ -16,7 +16,8 @@ session starts this replica's TCP store (torchft's reconfigurable gloo group ren
 ``Manager`` with a synchronous quorum, and hands it :class:`~.transfer.StateTransfer`'s state fns.
 
 :meth:`FaultTolerantSession.join` runs one quorum before the first step. At a fresh start every
-replica takes the first replica's state (torchft's ``init_sync``), so all start identical. A replica
+replica takes one replica's state (torchft's ``init_sync``; with S ranks, chosen per rank), so all start
+identical; a barrier over the quorum keeps a serving replica from committing before its state was fetched. A replica
 (re)started while the others train waits there for their next exchange, takes a live peer's state
 and resumes at the peer's point: inside a sync it runs that sync with a zero contribution (its
 anchor then equals the others' bit for bit); inside a warm-up step it continues that step.
@@ -38,6 +39,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ReduceOp
 
 from ..adapters.fsdp import FSDPAdapter, is_fsdp2
 from ..adapters.module import ModuleAdapter
@@ -189,6 +191,9 @@ class FaultTolerantSession:
                     self.algorithm.sync()  # its first exchange uses this quorum, with a zero contribution
                 return
             self.comm.healed_at = None
+            # A barrier over the quorum (torchft's group): a replica serving its state stops serving when it commits,
+            # so it must not commit before the replicas it serves have fetched the state, which they have once here.
+            self.manager.allreduce(torch.zeros(1), reduce_op=ReduceOp.SUM).wait()
             if self.manager.should_commit():
                 self.comm.participants = self.manager.num_participants()
                 logger.info("replica %d joined a quorum of %d replicas at step %d", self.settings.replica_id,
@@ -304,7 +309,7 @@ def _check_sharded_replica(model: torch.nn.Module, config: PALSGDConfig, replica
         )
     if not is_fsdp2(model):
         raise PALSGDConfigError(
-            f"this replica's torch.distributed world has {replica_ranks} ranks but the model is not sharded with FSDP2; "
-            "the fault-tolerant mode shards a replica with fully_shard(module, mesh=shard_mesh(S)) only (DDP or "
+            f"this replica's torch.distributed world has {replica_ranks} ranks but the model is not sharded with "
+            "FSDP2; the fault-tolerant mode shards a replica with fully_shard(module, mesh=shard_mesh(S)) only (DDP or "
             "DeepSpeed inside a replica: not yet). Shard it so, or launch each replica as one process."
         )

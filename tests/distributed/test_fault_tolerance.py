@@ -83,8 +83,8 @@ def test_kill_restart_rejoin_and_quality(tmp_path):
         # The survivors synced without the dead replica, and kept training to the end.
         assert any(survivors[0][s]["participants"] == 2 for s in after_kill), after_kill
         assert max(survivors[0]) == steps and max(survivors[1]) == steps
-        for step, event in survivors[0].items():  # the two survivors always agree
-            assert survivors[1][step]["anchor"] == event["anchor"], step
+        for step in survivors[0].keys() & survivors[1].keys():  # the two survivors agree (one may have joined late)
+            assert survivors[1][step]["anchor"] == survivors[0][step]["anchor"], step
 
         # The restarted replica rejoined at a later sync, with the others' anchor bit for bit.
         joined = next(e for e in ft.events(2) if e["kind"] == "joined" and e["pid"] == run["new_pid"])

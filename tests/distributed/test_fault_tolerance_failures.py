@@ -82,13 +82,16 @@ def test_per_replica_coins_kill_and_rejoin(tmp_path):
     with Cluster(tmp_path, *ARGS, "--coins", "per_replica", "--stop-file", str(tmp_path / "stop")) as ft:
         run = run_interrupted(ft)
         survivors = [by_step(ft.syncs(r)) for r in (0, 1)]
-        for step, event in survivors[0].items():
-            assert survivors[1][step]["anchor"] == event["anchor"], step
+        for step in survivors[0].keys() & survivors[1].keys():  # one of them may have joined late (min_replicas=2)
+            assert survivors[1][step]["anchor"] == survivors[0][step]["anchor"], step
         joined = next(e for e in ft.events(2) if e["kind"] == "joined" and e["pid"] == run["new_pid"])
         assert joined["rejoined"] and joined["anchor"] == survivors[0][joined["step"]]["anchor"]
         one_global_model(ft, 3)
-        gradient_steps = {r["replica"]: r["counters"]["gradient_steps"] for r in ft.results()}
-        assert len(set(gradient_steps.values())) > 1, gradient_steps  # the coins differ, so the weights do
+        # The coins differ, so the weights do: the gradient steps taken by each sync differ somewhere. (Not the final
+        # totals: two independent Binomial(n, 0.8) totals are equal with probability ~0.08.)
+        common = sorted(survivors[0].keys() & survivors[1].keys())
+        taken = [(survivors[0][s]["gradient_steps"], survivors[1][s]["gradient_steps"]) for s in common]
+        assert len(common) >= 10 and any(a != b for a, b in taken), taken
 
 
 @pytest.mark.parametrize("integration", ["--accelerate", "--trainer"])

@@ -102,7 +102,7 @@ def main() -> None:
 
     def event(kind: str, algo, **extra) -> None:
         line = {"kind": kind, "t": time.time(), "pid": os.getpid(), "step": algo.step,
-                "participants": session.comm.participants, **extra}
+                "participants": session.comm.participants, "gradient_steps": algo.counters["gradient_steps"], **extra}
         if algo.in_local_phase:
             line["anchor"] = anchor_sha(algo)
         events.write(json.dumps(line) + "\n")
