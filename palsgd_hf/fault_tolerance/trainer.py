@@ -1,15 +1,27 @@
-"""``PALSGDTrainer`` in the fault-tolerant mode: one single-process Trainer per replica, exchanges on torchft.
+"""``PALSGDTrainer`` in the fault-tolerant mode: one Trainer per replica, exchanges on torchft.
 
+A replica is one process, or S ranks of its own ``torch.distributed`` world (its own
+``torchrun --standalone --nproc_per_node S``) that shard the model with FSDP2 before the Trainer, exactly as
+the non-fault-tolerant FSDP2 path (palsgd_hf/integrations/fsdp_trainer.py):
+
+    args = PALSGDTrainingArguments(..., max_steps=N, palsgd_shard_size=S,   # S = 1 for a one-process replica
+                                   palsgd_warmup_steps=0)                   # starts the replica's world
+    model = shard_model(model, S)                    # with S > 1 only; after the arguments, before the session
     session = FaultTolerantSession(FaultToleranceConfig(lighthouse=..., replica_id=r, replicas=3))
-    trainer = FaultTolerantTrainer(model=model, args=PALSGDTrainingArguments(..., max_steps=N),
-                                   train_dataset=shard_r, session=session)
+    trainer = FaultTolerantTrainer(model=model, args=args, train_dataset=shard_r, session=session)
     trainer.train()                                  # joins the others first; shuts the session down at the end
 
 The session builds PALSGD when the Trainer prepares for training, and ``join()`` runs right there: a replica
-restarted while the others train takes a live peer's state (the LR scheduler's included) and the Trainer
-continues at the others' step (``state.global_step`` is set to it, so the run still ends at ``max_steps``
-with the others; the data loader restarts from the beginning of its shard). Everything else is
-``PALSGDTrainer``'s. Not with DeepSpeed (one process per replica, plain module).
+restarted while the others train takes a live peer's state (the LR scheduler's included; with S ranks each
+rank its own shard of it, from the same rank of a live replica) and the Trainer continues at the others' step
+(``state.global_step`` is set to it, so the run still ends at ``max_steps`` with the others; the data loader
+restarts from the beginning of its shard). Everything else is ``PALSGDTrainer``'s.
+
+Refused when the Trainer is built, before any work (each error names the value, the rule and the fix):
+DeepSpeed; a replica of several ranks whose model is not FSDP2 (accelerate would wrap it in DDP);
+``palsgd_shard_size`` other than the replica's ranks; a session built in another world than the Trainer's (it
+must come after the arguments, which start ``torch.distributed``); warm-up with several ranks; and the
+settings the managed exchange does not carry (overlap, low-precision exchanges, ...; see session.py).
 """
 
 from __future__ import annotations
@@ -17,24 +29,21 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..config import PALSGDConfigError
 from ..core.algorithm import PALSGD
 from ..integrations.trainer import PALSGDTrainer
-from .session import FaultTolerantSession
+from .session import FaultTolerantSession, _check_supported
 
 logger = logging.getLogger(__name__)
 
 
 class FaultTolerantTrainer(PALSGDTrainer):
-    """``PALSGDTrainer`` whose exchanges go through ``session`` (see the module docstring)."""
+    """``PALSGDTrainer`` whose exchanges go through ``session``: one Trainer per replica, which is one process or
+    S ranks sharding an FSDP2 model (see the module docstring for the launch, the rejoin and what is refused)."""
 
     def __init__(self, *args: Any, session: FaultTolerantSession, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        if self.is_deepspeed_enabled or self.args.world_size != 1:
-            raise ValueError(
-                f"FaultTolerantTrainer runs one single-process Trainer per replica (got world_size="
-                f"{self.args.world_size}, deepspeed={bool(self.is_deepspeed_enabled)}); launch each replica as its "
-                "own process without DeepSpeed."
-            )
+        _check_replica(self, session)
         self.session = session
 
     def _palsgd_build_algorithm(self, timeout) -> PALSGD:
@@ -52,3 +61,28 @@ class FaultTolerantTrainer(PALSGDTrainer):
             return super().train(*args, **kwargs)
         finally:
             self.session.shutdown()
+
+
+def _check_replica(trainer: PALSGDTrainer, session: FaultTolerantSession) -> None:
+    """What the fault-tolerant Trainer does not run, refused before any work."""
+    ranks = trainer.args.world_size
+    if trainer.is_deepspeed_enabled:
+        raise PALSGDConfigError(
+            "FaultTolerantTrainer got deepspeed=...: DeepSpeed inside a fault-tolerant replica is not supported (its "
+            "engine steps PALSGD inside backward, where a replica cannot rejoin). Drop deepspeed and shard the model "
+            "with FSDP2 (shard_model(model, palsgd_shard_size)), or train without fault tolerance."
+        )
+    if ranks > 1 and not trainer._palsgd_fsdp:
+        raise PALSGDConfigError(
+            f"this replica's torch.distributed world has {ranks} ranks but the model is not sharded with FSDP2, so "
+            "accelerate would wrap it in DDP, which a fault-tolerant replica does not support. Shard it first "
+            f"(shard_model(model, {ranks}) with palsgd_shard_size={ranks}), or launch each replica as one process."
+        )
+    if session.group_size != ranks:
+        raise PALSGDConfigError(
+            f"the FaultTolerantSession was built in a world of {session.group_size} rank(s) but the Trainer runs "
+            f"{ranks}: build the session after the TrainingArguments (they start torch.distributed) and after "
+            "sharding the model, in every rank of the replica."
+        )
+    # shard_size == ranks, no warm-up with several ranks, blocking fp32 exchanges at a fixed interval.
+    _check_supported(trainer.model, trainer.palsgd_config, ranks)

@@ -89,12 +89,13 @@ def stop_at(ft: Cluster, margin_periods: int = 6) -> int:
     return end
 
 
-def kill_and_rejoin(tmp_path, kill, restarts: int = 0, coins: str = "shared") -> dict:
+def kill_and_rejoin(tmp_path, kill, restarts: int = 0, coins: str = "shared", script=SCRIPT) -> dict:
     """3 replicas x 2 ranks; ``kill(ft)`` takes replica 2 down mid-period after its second sync (and restarts it,
     or lets its torchrun do it). Checks that the survivors go on, that every rank of replica 2 rejoins with its
-    shard of the others' anchor bit for bit, and that the run ends with one global model."""
+    shard of the others' anchor bit for bit, and that the run ends with one global model. ``script``: the replica
+    (the hand-written loop, or FaultTolerantTrainer: tests/distributed/test_fault_tolerance_fsdp_trainer.py)."""
     with Cluster(tmp_path, "--replicas", "3", "--steps", "1000000", "--sync-interval", str(H), "--step-seconds",
-                 "0.1", "--stop-file", str(tmp_path / "stop"), "--coins", coins, script=SCRIPT, ranks=SHARDS,
+                 "0.1", "--stop-file", str(tmp_path / "stop"), "--coins", coins, script=script, ranks=SHARDS,
                  restarts=restarts) as ft:
         for r in range(3):
             ft.start(r)
