@@ -7,13 +7,16 @@ Trainer's exchanges through torchft, rank r of every replica exchanging shard r.
 
 * Default: 2 replicas x 2 ranks, no failure. Every sync has both replicas; the run ends with one global model
   (per shard the same anchor on both replicas bit for bit, every rank's weights equal to it, both replicas save
-  the same model file contents) that matches the non-fault-tolerant ``PALSGDTrainer`` run on an FSDP2 model
-  (one torchrun of 2 x 2 ranks, same model, data per rank and step, coins) within 1e-5 per value, and so does
-  its eval loss (relative 1e-4). Why not bit for bit: the managed mean is sum(w x_k) / sum(w) with w the
-  period's gradient steps (one fp32 multiply and divide more per value than the plain mean: a few ulps per
-  sync), the rest is the same arithmetic; the weights are O(1) and 6 syncs add at most a few ulps each (~1e-7),
-  so 1e-5 leaves a margin of 100 and still catches an algorithmic difference (a missed or doubled outer step,
-  or a replica reading another's batches, moves values by ~1e-2).
+  the same model file contents); its eval loss fell below half the initial one and equals, within 1e-4
+  relative, the eval loss of the non-fault-tolerant ``PALSGDTrainer`` run on the same FSDP2 model, data per rank
+  and step, and coins (recorded below; the slow test measures it again and compares every value).
+* Slow, against the live reference (one torchrun of 2 x 2 ranks, ``PALSGDTrainer``): the final anchor within
+  1e-5 per value. Why not bit for bit: the managed mean is sum(w x_k) / sum(w) with w the period's gradient
+  steps (one fp32 multiply and divide more per value than the plain mean: a few ulps per sync), the rest is the
+  same arithmetic; the weights are O(1) and 6 syncs add at most a few ulps each (~1e-7), so 1e-5 leaves a margin
+  of 100 and still catches an algorithmic difference (a missed or doubled outer step, or a replica reading
+  another's batches, moves values by ~1e-2). Replica 0's ranks first build the Trainers they must refuse (an
+  unsharded model on 2 ranks, warm-up with 2 ranks): refused with the value and the fix.
 * Slow: 3 replicas x 2 ranks through the Trainer; the whole of replica 2 (launcher and both ranks) is killed
   mid-period and restarted as a new torchrun. The two others sync without it; both of its ranks rejoin at a
   later sync with their shard of the others' anchor bit for bit; the run ends with one global model.
@@ -30,18 +33,19 @@ from tests.helpers.ft_cluster import SCRIPTS, Cluster  # noqa: E402
 from tests.helpers.launch import torchrun  # noqa: E402
 
 H, STEPS = 4, 24
+ARGS = ("--steps", str(STEPS), "--sync-interval", str(H))
 SCRIPT = SCRIPTS / "ft_fsdp_trainer_replica.py"
+# The non-fault-tolerant FSDP2 PALSGDTrainer run of these settings (torch 2.13, CPU; the fault-tolerant run
+# measured 0.28072122): re-measured by test_trainer_with_two_sharded_replicas_matches_the_fsdp2_trainer.
+REFERENCE_EVAL_LOSS = 0.28072119
 
 
-@pytest.mark.timeout(150)
-def test_trainer_with_two_sharded_replicas_matches_the_fsdp2_trainer(tmp_path):
-    args = ("--steps", str(STEPS), "--sync-interval", str(H))
-    with Cluster(tmp_path / "ft", *args, "--same-init", script=SCRIPT, ranks=SHARDS) as ft:
-        for r in range(2):
-            ft.start(r)
-        # The reference runs meanwhile: PALSGDTrainer in one torchrun of 2 replicas x 2 ranks, no fault tolerance.
-        reference = torchrun(SCRIPT.name, 2 * SHARDS, tmp_path / "ref", "--no-ft", "--replicas", "2", *args,
-                             timeout=120)
+def run_two_replicas(tmp_path, *first: str) -> list[dict]:
+    """2 replicas x 2 ranks from the same initial model, no failure; ``first``: extra arguments of replica 0.
+    Checks every sync on every rank and the one global model at the end; returns the ranks' results."""
+    with Cluster(tmp_path, *ARGS, "--same-init", script=SCRIPT, ranks=SHARDS) as ft:
+        ft.start(0, *first)
+        ft.start(1)
         ft.wait_all(timeout=120)
         results = ft.results()
         for rank in range(SHARDS):
@@ -49,20 +53,46 @@ def test_trainer_with_two_sharded_replicas_matches_the_fsdp2_trainer(tmp_path):
             assert [e["step"] for e in syncs] == list(range(H, STEPS + 1, H)), syncs
             assert all(e["participants"] == 2 for e in syncs)
             assert [e["anchor"] for e in syncs] == [e["anchor"] for e in ft.syncs(1, rank=rank)]
-    anchors = one_global_model(results, 2)
+    one_global_model(results, 2)
     saved = {r["replica"]: r["saved"] for r in results if r["shard"] == 0}
     assert len(saved) == 2 and saved[0] == saved[1], saved  # every replica saves the same global model
+    for r in results:
+        assert r["global_step"] == STEPS and r["counters"]["outer_syncs"] == STEPS // H, r
+        assert r["eval_loss"] < 0.5 * r["initial_eval_loss"], r
+    return results
+
+
+@pytest.mark.timeout(150)
+def test_trainer_with_two_sharded_replicas_ends_with_one_global_model(tmp_path):
+    results = run_two_replicas(tmp_path)
+    loss = results[0]["eval_loss"]
+    assert abs(loss - REFERENCE_EVAL_LOSS) <= 1e-4 * REFERENCE_EVAL_LOSS, (loss, REFERENCE_EVAL_LOSS)
+    print(f"\nFaultTolerantTrainer x FSDP2 (2 replicas x 2 ranks): eval loss {results[0]['initial_eval_loss']:.5g} -> "
+          f"{loss:.8g} (the FSDP2 PALSGDTrainer run: {REFERENCE_EVAL_LOSS})")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_trainer_with_two_sharded_replicas_matches_the_fsdp2_trainer(tmp_path):
+    # The reference first (the fault-tolerant replicas' runs would otherwise share the 2 cores with it).
+    reference = torchrun(SCRIPT.name, 2 * SHARDS, tmp_path / "ref", "--no-ft", "--replicas", "2", *ARGS,
+                         timeout=150)
+    results = run_two_replicas(tmp_path / "ft", "--check-refusals")  # replica 0 first builds refused Trainers
+    anchors = {r["shard"]: r["anchor_values"] for r in results if r["replica"] == 0}
     gaps = []
     for ref in reference:
         ft_rank = next(r for r in results if r["replica"] == ref["replica"] and r["shard"] == ref["shard"])
-        assert ft_rank["global_step"] == ref["global_step"] == STEPS
-        assert ft_rank["counters"]["outer_syncs"] == ref["counters"]["outer_syncs"] == STEPS // H
-        assert ft_rank["counters"]["pseudo_syncs"] == ref["counters"]["pseudo_syncs"] > 0
+        assert ft_rank["counters"] == ref["counters"] and ref["counters"]["pseudo_syncs"] > 0, (ft_rank, ref)
         gaps.append(max(abs(a - b) for a, b in zip(anchors[ref["shard"]], ref["anchor_values"])))
-        assert abs(ft_rank["eval_loss"] - ref["eval_loss"]) <= 1e-4 * ref["eval_loss"], (ft_rank, ref)
+        assert abs(ref["eval_loss"] - REFERENCE_EVAL_LOSS) <= 1e-6, ref["eval_loss"]  # the recorded value holds
     assert max(gaps) <= 1e-5, f"{max(gaps):.3g} from the non-fault-tolerant FSDP2 Trainer run"
+    for r in results:
+        if r["replica"] == 0:  # refused when built, naming the value and the fix
+            unsharded, warmup = r["refused"]
+            assert "not sharded with FSDP2" in unsharded and "shard_model(model, 2)" in unsharded, unsharded
+            assert "warmup_steps=2" in warmup and "Use warmup_steps=0" in warmup, warmup
     print(f"\nFaultTolerantTrainer x FSDP2 (2 replicas x 2 ranks): final anchor within {max(gaps):.2g} of the "
-          f"FSDP2 PALSGDTrainer run; eval loss {results[0]['eval_loss']:.5g} (reference {reference[0]['eval_loss']:.5g})")
+          f"FSDP2 PALSGDTrainer run")
 
 
 @pytest.mark.slow

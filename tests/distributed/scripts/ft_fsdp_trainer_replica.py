@@ -12,7 +12,8 @@ rank's world to rank j % world (sequential sampling), so replica r of the fault-
 batch j, global batch R*S*(j // S) + S*r + j % S: each rank reads at each step what the same rank of the
 reference reads. Events (joined, every sync: step, replicas, sha256 of this rank's anchor shard) go to
 ``events_<replica>_<rank>.jsonl``; at the end ``result_<replica>_<rank>_<pid>.json`` (``rank<R>.json`` with
-``--no-ft``): anchor and weight shards, their sha256, the eval loss, the sha256 of the saved global model.
+``--no-ft``): anchor and weight shards, their sha256, the eval loss before and after training, the sha256 of
+the saved global model.
 """
 
 from __future__ import annotations
@@ -112,6 +113,25 @@ class Events(TrainerCallback):
             time.sleep(self.args.step_seconds)
 
 
+def refusals(args, training_args, model, session) -> list[str]:
+    """The messages of the FaultTolerantTrainers this replica must refuse when they are built (no training):
+    an unsharded model on several ranks (accelerate would wrap it in DDP), and warm-up with several ranks."""
+    from dataclasses import replace
+
+    from palsgd_hf.config import PALSGDConfigError
+    from palsgd_hf.fault_tolerance.trainer import FaultTolerantTrainer
+
+    cases = [(Regressor(), replace(training_args, palsgd_shard_size=1)),
+             (model, replace(training_args, palsgd_warmup_steps=2))]
+    messages = []
+    for candidate, candidate_args in cases:
+        try:
+            FaultTolerantTrainer(model=candidate, args=candidate_args, train_dataset=Samples(8), session=session)
+        except PALSGDConfigError as err:
+            messages.append(str(err))
+    return messages
+
+
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -127,6 +147,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--quorum-timeout", type=float, default=60.0)
     p.add_argument("--coins", default="shared", choices=["shared", "per_replica"])
     p.add_argument("--same-init", action="store_true", help="every replica from seed 0 (as the reference)")
+    p.add_argument("--check-refusals", action="store_true", help="first build the Trainers it must refuse")
     p.add_argument("--no-ft", action="store_true", help="the non-fault-tolerant reference: R x S ranks, one torchrun")
     return p.parse_args()
 
@@ -161,7 +182,7 @@ def main() -> None:
     events = Events(args, (replica, shard), started)
     common = dict(model=model, args=training_args, train_dataset=train, eval_dataset=Samples(32, offset=EVAL_OFFSET),
                   callbacks=[events])
-    session = None
+    session, refused = None, []
     if args.no_ft:
         trainer = PALSGDTrainer(**common)
     else:
@@ -171,8 +192,10 @@ def main() -> None:
         session = FaultTolerantSession(FaultToleranceConfig(
             lighthouse=args.lighthouse, replica_id=replica, replicas=args.replicas, min_replicas=2,
             timeout_seconds=args.timeout, quorum_timeout_seconds=args.quorum_timeout))
+        refused = refusals(args, training_args, model, session) if args.check_refusals else []
         trainer = FaultTolerantTrainer(**common, session=session)
     events.trainer = trainer
+    initial_loss = trainer.evaluate()["eval_loss"]  # before training (no PALSGD yet: the model as built)
     trainer.train()  # ends with PALSGD's finalize: every rank holds its shard of the global model
     algo = trainer.palsgd
     anchor = algo.state_dict()["anchor"]["tensors"]
@@ -181,7 +204,7 @@ def main() -> None:
               "anchor": sha(anchor), "weights": sha(owned),
               "anchor_values": torch.cat([t.reshape(-1) for t in anchor]).tolist(),
               "ft": session.metrics() if session else {}, "counters": dict(algo.counters),
-              "eval_loss": trainer.evaluate()["eval_loss"]}
+              "eval_loss": trainer.evaluate()["eval_loss"], "initial_eval_loss": initial_loss, "refused": refused}
     saved = out / ("model" if args.no_ft else f"model_{replica}")  # the reference: its rank 0 writes
     trainer.save_model(str(saved))  # collective within the replica; its main process writes
     dist.barrier()
