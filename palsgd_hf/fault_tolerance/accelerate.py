@@ -12,8 +12,9 @@
             optimizer.step(); optimizer.zero_grad()
     palsgd.finalize(); session.shutdown()
 
-Everything else is :class:`~palsgd_hf.integrations.accelerate.PALSGDAccelerate`'s (coins drawn after each
-step, gradient accumulation, per-rank checkpoints); only the algorithm is built by the session.
+One process per replica (a replica of several FSDP2 ranks: ``FaultTolerantTrainer``, or the session in a
+hand-written loop). Everything else is :class:`~palsgd_hf.integrations.accelerate.PALSGDAccelerate`'s (coins
+drawn after each step, gradient accumulation, per-rank checkpoints); only the algorithm is built by the session.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from ..config import PALSGDConfig
+from ..config import PALSGDConfig, PALSGDConfigError
 from ..core.algorithm import PALSGD
 from ..integrations.accelerate import PALSGDAccelerate
 from .session import FaultTolerantSession
@@ -37,9 +38,12 @@ class FaultTolerantAccelerate(PALSGDAccelerate):
     def __init__(self, accelerator, config: PALSGDConfig, session: FaultTolerantSession,
                  extra_state: Optional[dict] = None):
         if accelerator.num_processes != 1:
-            raise ValueError(
-                f"the fault-tolerant mode runs one process per replica, but this Accelerator has "
-                f"{accelerator.num_processes}; launch each replica as its own single process."
+            # Not yet: accelerate would wrap a model of several ranks in DDP, which a fault-tolerant replica does not
+            # carry; the FSDP2 path through these hooks is untested under fault tolerance.
+            raise PALSGDConfigError(
+                f"the fault-tolerant Accelerate hooks run one process per replica, but this Accelerator has "
+                f"{accelerator.num_processes}; launch each replica as its own single process, or, for a replica of "
+                "several FSDP2 ranks, use FaultTolerantTrainer or FaultTolerantSession in a hand-written loop."
             )
         super().__init__(accelerator, config)
         self.session, self.extra_state = session, extra_state

@@ -13,8 +13,8 @@ noise variance by k), during the outage. The rejoined replica continues from a l
 nothing else differs. Hence E[loss(interrupted)] <= 3/2 E[loss(uninterrupted)]: the interrupted run is never
 worse in expectation than a 2-replica run throughout. Both runs read the same batches at the same steps (and
 the gap between two such runs contracts after the outage), so one run tracks that expectation: measured ratio
-1.00-1.07 over 8 runs. We check eval_loss(interrupted) <= 1.5 * eval_loss(uninterrupted), and that the uninterrupted run trained
-(below 2% of a zero model's loss).
+1.00-1.07 over 8 runs. We check eval_loss(interrupted) <= 1.5 * eval_loss(uninterrupted), and that the
+uninterrupted run trained (below 2% of a zero model's loss).
 
 Prints the measured timeline (kill -> next completed sync, restart -> rejoined) with `pytest -s`.
 """

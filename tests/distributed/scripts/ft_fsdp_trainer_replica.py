@@ -196,6 +196,7 @@ def main() -> None:
         trainer = FaultTolerantTrainer(**common, session=session)
     events.trainer = trainer
     initial_loss = trainer.evaluate()["eval_loss"]  # before training (no PALSGD yet: the model as built)
+    events.started = time.time()  # "joined" reports the seconds from train() to the first step (prepare + join)
     trainer.train()  # ends with PALSGD's finalize: every rank holds its shard of the global model
     algo = trainer.palsgd
     anchor = algo.state_dict()["anchor"]["tensors"]

@@ -66,7 +66,8 @@ def train_with_trainer(args, session, config, event, started, finish) -> None:
     model = Regression()
     inner = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
     training_args = TrainingArguments(
-        output_dir=str(Path(args.out) / f"trainer_{args.replica}"), max_steps=args.steps, per_device_train_batch_size=16,
+        output_dir=str(Path(args.out) / f"trainer_{args.replica}"), max_steps=args.steps,
+        per_device_train_batch_size=16,
         lr_scheduler_type="constant", use_cpu=True, report_to="none", save_strategy="no", logging_steps=10_000,
         disable_tqdm=True, seed=args.replica, dataloader_num_workers=0,
     )
