@@ -1,4 +1,4 @@
-"""The Accelerate hooks in the fault-tolerant mode: one single-process ``Accelerator`` per replica.
+"""The Accelerate hooks in the fault-tolerant mode: one ``Accelerator`` per replica (one process, or S FSDP2 ranks).
 
     session = FaultTolerantSession(FaultToleranceConfig(lighthouse=..., replica_id=r, replicas=3))
     accelerator = Accelerator(cpu=cpu_only())
@@ -12,9 +12,15 @@
             optimizer.step(); optimizer.zero_grad()
     palsgd.finalize(); session.shutdown()
 
-One process per replica (a replica of several FSDP2 ranks: ``FaultTolerantTrainer``, or the session in a
-hand-written loop). Everything else is :class:`~palsgd_hf.integrations.accelerate.PALSGDAccelerate`'s (coins
-drawn after each step, gradient accumulation, per-rank checkpoints); only the algorithm is built by the session.
+A replica of S ranks (its own ``torchrun --nproc_per_node S``, as for the session in a hand-written loop) shards
+the model with FSDP2 over all of its ranks (``fully_shard(..., mesh=shard_mesh(S))``) and prepares the optimizer
+only, never the model (accelerate has no FSDP mode on CPU and would wrap it in DDP), exactly as the
+non-fault-tolerant hooks on an FSDP2 model; ``PALSGDConfig(shard_size=S, warmup_steps=0)``; the session is
+built after the ``Accelerator`` (which starts the replica's world). Refused before any step: a session of
+another world, another shard size, warm-up with several ranks, a DDP-prepared model (naming the fix).
+
+Everything else is :class:`~palsgd_hf.integrations.accelerate.PALSGDAccelerate`'s (coins drawn after each
+step, gradient accumulation, per-rank checkpoints); only the algorithm is built by the session.
 """
 
 from __future__ import annotations
@@ -37,18 +43,30 @@ class FaultTolerantAccelerate(PALSGDAccelerate):
 
     def __init__(self, accelerator, config: PALSGDConfig, session: FaultTolerantSession,
                  extra_state: Optional[dict] = None):
-        if accelerator.num_processes != 1:
-            # Not yet: accelerate would wrap a model of several ranks in DDP, which a fault-tolerant replica does not
-            # carry; the FSDP2 path through these hooks is untested under fault tolerance.
+        ranks = accelerator.num_processes
+        if ranks != session.group_size:
             raise PALSGDConfigError(
-                f"the fault-tolerant Accelerate hooks run one process per replica, but this Accelerator has "
-                f"{accelerator.num_processes}; launch each replica as its own single process, or, for a replica of "
-                "several FSDP2 ranks, use FaultTolerantTrainer or FaultTolerantSession in a hand-written loop."
+                f"this Accelerator has {ranks} process(es) but the FaultTolerantSession was built in a world of "
+                f"{session.group_size}: build the session after the Accelerator (it starts torch.distributed), on "
+                "every rank of the replica, each replica its own launch."
+            )
+        if ranks > 1 and config is not None and config.shard_size != ranks:
+            raise PALSGDConfigError(
+                f"shard_size={config.shard_size} but this replica has {ranks} ranks: the fault-tolerant hooks run a "
+                f"replica of several ranks as one FSDP2 model copy over all of them; use shard_size={ranks} and "
+                f"fully_shard(..., mesh=shard_mesh({ranks})), or one process per replica."
+            )
+        if ranks > 1 and config is not None and (config.warmup_steps > 0 or config.method == "ddp"):
+            raise PALSGDConfigError(
+                f"warmup_steps={config.warmup_steps} (method={config.method!r}) is not supported by a fault-tolerant "
+                f"replica of {ranks} ranks: its warm-up gradient means run inside FSDP's backward, where a restarted "
+                "replica cannot rejoin. Use warmup_steps=0 (method 'palsgd' or 'diloco'), or one process per replica."
             )
         super().__init__(accelerator, config)
         self.session, self.extra_state = session, extra_state
 
     def _build_algorithm(self, model: torch.nn.Module, optimizer) -> PALSGD:
+        # The session refuses a DDP-prepared model and a multi-rank model that is not FSDP2 (session._check_supported).
         return self.session.build_algorithm(model, optimizer, self.config, self.extra_state)
 
     def wrap(self, model: torch.nn.Module, optimizer):

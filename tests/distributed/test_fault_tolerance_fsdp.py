@@ -52,9 +52,20 @@ def one_global_model(results: list[dict], replicas: int) -> dict[int, list[float
 
 @pytest.mark.timeout(300)
 def test_two_sharded_replicas_match_the_unsharded_fault_free_run(tmp_path):
+    two_sharded_replicas_match_the_reference(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_accelerate_hooks_with_two_sharded_replicas_match_the_reference(tmp_path):
+    """The same through FaultTolerantAccelerate (the optimizer prepared, the FSDP2 model not)."""
+    two_sharded_replicas_match_the_reference(tmp_path, "--accelerate")
+
+
+def two_sharded_replicas_match_the_reference(tmp_path, *extra: str) -> None:
     steps = 10 * H
-    with Cluster(tmp_path / "ft", "--steps", str(steps), "--sync-interval", str(H), "--same-init", script=SCRIPT,
-                 ranks=SHARDS) as ft:
+    with Cluster(tmp_path / "ft", "--steps", str(steps), "--sync-interval", str(H), "--same-init", *extra,
+                 script=SCRIPT, ranks=SHARDS) as ft:
         for r in range(2):
             ft.start(r)
         # The reference runs meanwhile: one torchrun of 2 replicas x 2 ranks, no fault tolerance.
@@ -63,6 +74,8 @@ def test_two_sharded_replicas_match_the_unsharded_fault_free_run(tmp_path):
         ft.wait_all(timeout=200)
         results = ft.results()
         for rank in range(SHARDS):
+            hooks = {e["hooks"] for r in range(2) for e in ft.events(r, rank) if e["kind"] == "joined"}
+            assert hooks == {"FaultTolerantAccelerate" if "--accelerate" in extra else None}, hooks
             syncs = ft.syncs(0, rank=rank)
             assert [e["step"] for e in syncs] == list(range(H, steps + 1, H)), syncs
             assert all(e["participants"] == 2 for e in syncs)
@@ -89,13 +102,13 @@ def stop_at(ft: Cluster, margin_periods: int = 6) -> int:
     return end
 
 
-def kill_and_rejoin(tmp_path, kill, restarts: int = 0, coins: str = "shared", script=SCRIPT) -> dict:
+def kill_and_rejoin(tmp_path, kill, restarts: int = 0, coins: str = "shared", script=SCRIPT, extra=()) -> dict:
     """3 replicas x 2 ranks; ``kill(ft)`` takes replica 2 down mid-period after its second sync (and restarts it,
     or lets its torchrun do it). Checks that the survivors go on, that every rank of replica 2 rejoins with its
     shard of the others' anchor bit for bit, and that the run ends with one global model. ``script``: the replica
     (the hand-written loop, or FaultTolerantTrainer: tests/distributed/test_fault_tolerance_fsdp_trainer.py)."""
     with Cluster(tmp_path, "--replicas", "3", "--steps", "1000000", "--sync-interval", str(H), "--step-seconds",
-                 "0.1", "--stop-file", str(tmp_path / "stop"), "--coins", coins, script=script, ranks=SHARDS,
+                 "0.1", "--stop-file", str(tmp_path / "stop"), "--coins", coins, *extra, script=script, ranks=SHARDS,
                  restarts=restarts) as ft:
         for r in range(3):
             ft.start(r)
@@ -123,6 +136,7 @@ def kill_and_rejoin(tmp_path, kill, restarts: int = 0, coins: str = "shared", sc
                 assert survivors[1][step]["anchor"] == survivors[0][step]["anchor"], (shard, step)
             # This rank of the restarted replica rejoined at a later sync with its shard of the others' anchor.
             joined = rejoined(shard)[0]
+            assert joined.get("hooks") == ("FaultTolerantAccelerate" if "--accelerate" in extra else None), joined
             assert joined["pid"] != victims[shard] and joined["rejoined"] and joined["step"] > killed_step, joined
             assert joined["anchor"] == survivors[0][joined["step"]]["anchor"]
             for step, event in by_step(ft.syncs(2, joined["pid"], shard)).items():
@@ -149,6 +163,17 @@ def test_kill_a_whole_sharded_replica_and_rejoin_per_shard(tmp_path):
         return killed_at, ft.start(2)
 
     kill_and_rejoin(tmp_path, kill)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_accelerate_hooks_kill_a_whole_sharded_replica_and_rejoin(tmp_path):
+    """The same through FaultTolerantAccelerate."""
+    def kill(ft: Cluster) -> tuple[float, float]:
+        killed_at = ft.kill(2)
+        return killed_at, ft.start(2)
+
+    kill_and_rejoin(tmp_path, kill, extra=("--accelerate",))
 
 
 @pytest.mark.slow

@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--quorum-timeout", type=float, default=60.0)
     p.add_argument("--coins", default="shared", choices=["shared", "per_replica"])
     p.add_argument("--same-init", action="store_true", help="every replica from seed 0 (as the reference)")
+    p.add_argument("--accelerate", action="store_true", help="through FaultTolerantAccelerate (the optimizer prepared)")
     p.add_argument("--no-ft", action="store_true", help="the non-fault-tolerant reference: R x S ranks, one torchrun")
     args = p.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))  # bounds FSDP's collectives too
@@ -87,7 +88,7 @@ def main() -> None:
     config = PALSGDConfig(sync_interval=args.sync_interval, warmup_steps=0, pseudo_sync_prob=0.3, mixing_rate=1.0,
                           outer_lr=0.7, outer_momentum=0.5, seed=3, shard_size=shard_size,
                           coins=args.coins)
-    session = None
+    session, hooks = None, None
     if args.no_ft:
         from palsgd_hf import wrap_optimizer
 
@@ -98,8 +99,18 @@ def main() -> None:
         session = FaultTolerantSession(FaultToleranceConfig(
             lighthouse=args.lighthouse, replica_id=replica, replicas=args.replicas, min_replicas=2,
             timeout_seconds=args.timeout, quorum_timeout_seconds=args.quorum_timeout))
-        optimizer = session.wrap_optimizer(model, inner, config)
-    algo = optimizer.algorithm
+        if args.accelerate:  # the Accelerate hooks: the optimizer prepared, the FSDP2 model not (no DDP around it)
+            from accelerate import Accelerator
+
+            from palsgd_hf.fault_tolerance.accelerate import FaultTolerantAccelerate
+
+            accelerator = Accelerator(cpu=True)  # the replica's world is up already: accelerate joins it
+            hooks = FaultTolerantAccelerate(accelerator, config, session)
+            prepared, started = accelerator.prepare(inner), time.time()
+            optimizer = hooks.wrap(model, prepared)  # builds PALSGD and joins
+        else:
+            optimizer = session.wrap_optimizer(model, inner, config)
+    algo = hooks.algorithm if hooks is not None else optimizer.algorithm
     owned = [t for g in algo.adapter.owned_groups() for t in g.tensors]
 
     def event(kind: str, **extra) -> None:
@@ -109,17 +120,19 @@ def main() -> None:
             line["anchor"] = sha(algo.state_dict()["anchor"]["tensors"])
         events.write(json.dumps(line) + "\n")
 
-    started = time.time()
     if session is not None:
-        session.join()
-        event("joined", rejoined=session.transfer.received > 0 and algo.step > 0, seconds=time.time() - started)
+        if hooks is None:  # the hooks joined in wrap()
+            started = time.time()
+            session.join()
+        event("joined", rejoined=session.transfer.received > 0 and algo.step > 0, seconds=time.time() - started,
+              hooks=type(hooks).__name__ if hooks is not None else None)
     stop = Path(args.stop_file) if args.stop_file else None
     while algo.step < args.steps:
         if stop is not None and stop.exists():
             args.steps, stop = int(stop.read_text()), None
             continue
         syncs = algo.counters["outer_syncs"]
-        if algo.step_kind() is not StepKind.PSEUDO_SYNC:
+        if (hooks.should_compute() if hooks is not None else algo.step_kind() is not StepKind.PSEUDO_SYNC):
             x, y = batch(replica, shard, algo.step)
             torch.nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
