@@ -15,6 +15,8 @@ lighthouse, rank r of every replica exchanging shard r (tests/distributed/script
   restarted (as torchrun --max-restarts would). The two others sync without it and keep training; both of
   its ranks rejoin at a later sync with the others' anchor shard bit for bit; the run ends with one global
   model on every rank.
+* Slow, through ``FaultTolerantAccelerate`` (the optimizer prepared, the sharded model not): the same comparison,
+  and the same whole-replica kill and rejoin.
 """
 
 from __future__ import annotations
