@@ -86,6 +86,10 @@ def test_torch_compile_finds_ddp_and_switches_its_all_reduce_off(tmp_path):
     assert a["metrics"]["comm_bytes"] == plain["metrics"]["comm_bytes"]
 
 
+# Slow (~60 s quiet, 135 s loaded: the longest default test): a foreign collective under the plain Trainer stays
+# in the default suite (test_gather_in_compute_loss_trains_to_the_end_with_shared_coins), and so does ZeRO
+# through the Trainer (tests/distributed/test_deepspeed_trainer.py).
+@pytest.mark.slow
 def test_deepspeed_zero2_with_token_counting(tmp_path):
     results = run(tmp_path, "deepspeed-tokens", DS_ACCELERATOR="cpu")
     assert_one_global_model(results)

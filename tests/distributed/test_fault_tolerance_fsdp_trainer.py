@@ -7,9 +7,9 @@ Trainer's exchanges through torchft, rank r of every replica exchanging shard r.
 
 * Default: 2 replicas x 2 ranks, no failure. Every sync has both replicas; the run ends with one global model
   (per shard the same anchor on both replicas bit for bit, every rank's weights equal to it, both replicas save
-  the same model file contents); its eval loss fell below half the initial one and equals, within 1e-4
-  relative, the eval loss of the non-fault-tolerant ``PALSGDTrainer`` run on the same FSDP2 model, data per rank
-  and step, and coins (recorded below; the slow test measures it again and compares every value).
+  the same model file contents); its eval loss fell below half the initial one. (Equality with the
+  non-fault-tolerant run is the slow test's: it runs that reference live. A recorded loss would hold only for
+  the machine that printed it.)
 * Slow, against the live reference (one torchrun of 2 x 2 ranks, ``PALSGDTrainer``): the final anchor within
   1e-5 per value. Why not bit for bit: the managed mean is sum(w x_k) / sum(w) with w the period's gradient
   steps (one fp32 multiply and divide more per value than the plain mean: a few ulps per sync), the rest is the
@@ -35,9 +35,6 @@ from tests.helpers.launch import torchrun  # noqa: E402
 H, STEPS = 4, 24
 ARGS = ("--steps", str(STEPS), "--sync-interval", str(H))
 SCRIPT = SCRIPTS / "ft_fsdp_trainer_replica.py"
-# The non-fault-tolerant FSDP2 PALSGDTrainer run of these settings (torch 2.13, CPU; the fault-tolerant run
-# measured 0.28072122): re-measured by test_trainer_with_two_sharded_replicas_matches_the_fsdp2_trainer.
-REFERENCE_EVAL_LOSS = 0.28072119
 
 
 def run_two_replicas(tmp_path, *first: str) -> list[dict]:
@@ -65,10 +62,8 @@ def run_two_replicas(tmp_path, *first: str) -> list[dict]:
 @pytest.mark.timeout(150)
 def test_trainer_with_two_sharded_replicas_ends_with_one_global_model(tmp_path):
     results = run_two_replicas(tmp_path)
-    loss = results[0]["eval_loss"]
-    assert abs(loss - REFERENCE_EVAL_LOSS) <= 1e-4 * REFERENCE_EVAL_LOSS, (loss, REFERENCE_EVAL_LOSS)
     print(f"\nFaultTolerantTrainer x FSDP2 (2 replicas x 2 ranks): eval loss {results[0]['initial_eval_loss']:.5g} -> "
-          f"{loss:.8g} (the FSDP2 PALSGDTrainer run: {REFERENCE_EVAL_LOSS})")
+          f"{results[0]['eval_loss']:.8g}")
 
 
 @pytest.mark.slow
@@ -84,7 +79,6 @@ def test_trainer_with_two_sharded_replicas_matches_the_fsdp2_trainer(tmp_path):
         ft_rank = next(r for r in results if r["replica"] == ref["replica"] and r["shard"] == ref["shard"])
         assert ft_rank["counters"] == ref["counters"] and ref["counters"]["pseudo_syncs"] > 0, (ft_rank, ref)
         gaps.append(max(abs(a - b) for a, b in zip(anchors[ref["shard"]], ref["anchor_values"])))
-        assert abs(ref["eval_loss"] - REFERENCE_EVAL_LOSS) <= 1e-6, ref["eval_loss"]  # the recorded value holds
     assert max(gaps) <= 1e-5, f"{max(gaps):.3g} from the non-fault-tolerant FSDP2 Trainer run"
     for r in results:
         if r["replica"] == 0:  # refused when built, naming the value and the fix
