@@ -89,6 +89,8 @@ class TimeToQualityCallback(TrainerCallback):
             "eval_loss": float(metrics["eval_loss"]),
             **self._comm(),
         }
+        if self._algo is not None and "sync_interval" in (metrics_now := self._algo.metrics()):
+            entry["sync_interval"] = metrics_now["sync_interval"]  # sync_policy='auto': H as the policy moves it
         self._eval_seconds += now - step_end
         self.history.append(entry)
         if (self.target_loss is not None and state.global_step >= self.min_steps

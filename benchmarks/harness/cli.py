@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 from .netns import LinkSpec, NetnsUnavailable
 from .settings import METHODS, MODEL_SIZES, BenchSettings, tiny_settings
 
+DEFAULT_RATES_MBIT = (100.0, 1000.0)
+
 SUBCOMMANDS = ("run", "overhead", "project", "report", "cleanup")
 
 
@@ -49,7 +51,9 @@ def _settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outer-momentum", type=float, default=None,
                    help=f"outer Nesterov momentum of DiLoCo and PALSGD ({d.outer_momentum})")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {','.join(METHODS)} (must include ddp)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated runs, each one of {','.join(METHODS)}, optionally with '@H' or '@auto' (e.g. "
+                   f"localsgd@8, palsgd@auto); must include ddp (default {','.join(d.methods)})")
 
 
 _SETTING_OF = {"workers": "workers", "model_size": "model_size", "steps": "steps",
@@ -75,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run every method on every link")
     _settings_args(run)
     run.add_argument("--rate-mbit", type=float, action="append", default=None,
-                     help="a shaped link of this many Mbit/s per worker (repeatable; default 100)")
+                     help="a shaped link of this many Mbit/s per worker (repeatable; default "
+                     f"{' and '.join(f'{r:g}' for r in DEFAULT_RATES_MBIT)}, none with --netns off)")
     run.add_argument("--no-unshaped", action="store_true", help="skip the run without shaping")
     run.add_argument("--netns", choices=("auto", "on", "off"), default="auto",
                      help="on: require namespaces; off: loopback only (unshaped); auto: namespaces if permitted")
@@ -110,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _links(args: argparse.Namespace) -> list[LinkSpec]:
-    rates = args.rate_mbit if args.rate_mbit is not None else [100.0]
+    # Default: the sitting of BENCHMARKS.md (unshaped, 100 Mbit/s and 1 Gbit/s); --netns off runs unshaped only.
+    rates = args.rate_mbit if args.rate_mbit is not None else ([] if args.netns == "off" else list(DEFAULT_RATES_MBIT))
     links = ([] if args.no_unshaped else [LinkSpec(None)]) + [LinkSpec(r) for r in rates]
     if not links:
         raise ValueError("--no-unshaped with no --rate-mbit leaves nothing to run; give a rate or drop --no-unshaped.")

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from .settings import split_run
 from .summary import check_targets, summarize_link
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,24 @@ COLORS = {"ddp": "black", "localsgd": "tab:green", "diloco": "tab:blue", "palsgd
 
 
 def _methods(runs: dict) -> list[str]:
-    return [m for m in ORDER if m in runs] + sorted(m for m in runs if m not in ORDER)
+    """Runs in the order of ORDER, each method's variants by H ('auto' last)."""
+    def key(name: str):
+        method, variant = split_run(name)
+        rank = ORDER.index(method) if method in ORDER else len(ORDER)
+        h = -1 if variant is None else (10**9 if variant == "auto" else int(variant))
+        return rank, h, name
+    return sorted(runs, key=key)
+
+
+def run_label(run: str, sync_interval: Optional[int] = None) -> str:
+    """'Local SGD (H 8)', 'PALSGD (auto)'; a run at the settings' H is labelled with it when that is given."""
+    method, variant = split_run(run)
+    text = LABELS.get(method, method)
+    if variant == "auto":
+        return f"{text} (auto)"
+    if variant is not None:
+        return f"{text} (H {variant})"
+    return f"{text} (H {sync_interval})" if sync_interval and method != "ddp" else text
 
 
 def _fmt(value: Optional[float], spec: str = ".3g", suffix: str = "") -> str:
@@ -42,7 +60,7 @@ def add_summaries(bench: dict[str, Any]) -> dict[str, Any]:
     base = bench["links"].get("unshaped", {}).get("runs")
     for label, link in bench["links"].items():
         link["summary"] = summarize_link(link["runs"], base if label != "unshaped" else None)
-        link["targets"] = check_targets(link["summary"], H)
+        link["targets"] = check_targets(link["summary"], H, (link.get("link") or {}).get("rate_mbit"))
     return bench
 
 
@@ -61,7 +79,7 @@ def markdown_table(bench: dict[str, Any]) -> str:
         for m in _methods(link["runs"]):
             r = link["summary"][m]
             lines.append(
-                f"| {link_name} | {LABELS.get(m, m)} | {r['steps']} | {r['train_seconds']:.1f} | "
+                f"| {link_name} | {run_label(m, s['sync_interval'])} | {r['steps']} | {r['train_seconds']:.1f} | "
                 f"{r['seconds_per_step']:.3f} | {_fmt(r['time_to_target'], '.1f')} | "
                 f"{_fmt(r['time_to_target_vs_ddp'], '.2f')} | {_fmt(r['time_to_target_vs_diloco'], '.2f')} | "
                 f"{r['final_eval_loss']:.4f} | {_fmt(r['eval_loss_at_ddp_tokens'], '.4f')} | "
@@ -83,12 +101,26 @@ def markdown_table(bench: dict[str, Any]) -> str:
         "similar load)."
     )
     for label, link in bench["links"].items():
+        for m in _methods(link["runs"]):
+            path = _interval_path([e.get("sync_interval") for e in link["runs"][m]["history"]])
+            if path:
+                lines.append("")
+                lines.append(f"{run_label(m)} on {label}, H at each evaluation's step (changes only): {path}")
         targets = link.get("targets") or {}
         if targets:
             lines.append("")
             lines.append(f"Targets on {label}: " + "; ".join(
                 f"{name}: {'n/a' if ok is None else ('met' if ok else 'MISSED')}" for name, ok in targets.items()))
     return "\n".join(lines)
+
+
+def _interval_path(values: list) -> str:
+    """'16 → 32 → 47' from H at each evaluation; '' for a run without a moving H."""
+    path: list[int] = []
+    for v in values:
+        if v is not None and (not path or int(v) != path[-1]):
+            path.append(int(v))
+    return " → ".join(map(str, path)) if path else ""
 
 
 def _load(run: dict[str, Any]) -> str:
@@ -131,7 +163,9 @@ def plot_link(label: str, link: dict[str, Any], path: Path) -> None:
     fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4.2))
     for m in _methods(link["runs"]):
         h = link["runs"][m]["history"]
-        kw = dict(label=LABELS.get(m, m), color=COLORS.get(m), marker=".", linewidth=1.4)
+        method, variant = split_run(m)
+        kw = dict(label=run_label(m), color=COLORS.get(method), marker=".", linewidth=1.4,
+                  linestyle="-" if variant is None else (":" if variant == "auto" else "--"))
         ax_t.plot([e["train_seconds"] for e in h], [e["eval_loss"] for e in h], **kw)
         ax_s.plot([e["step"] for e in h], [e["eval_loss"] for e in h], **kw)
     for ax, xlabel in ((ax_t, "training wall time (s, evaluation excluded)"), (ax_s, "optimizer step")):

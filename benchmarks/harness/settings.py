@@ -14,6 +14,28 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 METHODS = ("ddp", "localsgd", "diloco", "palsgd")
+# The runs of the one-command sitting (issue 17): Local SGD at its three usual intervals (the target is to beat
+# it at its best one), DiLoCo, and PALSGD with the library's defaults, fixed and with sync_policy='auto'.
+DEFAULT_RUNS = ("ddp", "localsgd@8", "localsgd", "localsgd@32", "diloco", "palsgd", "palsgd@auto")
+
+
+def split_run(name: str) -> tuple[str, Optional[str]]:
+    """A run's method and variant: 'localsgd@8' -> ('localsgd', '8') (H = 8); 'palsgd@auto' -> ('palsgd', 'auto')
+    (sync_policy='auto'); 'diloco' -> ('diloco', None) (the settings' H)."""
+    method, sep, variant = name.partition("@")
+    return method, (variant if sep else None)
+
+
+def _check_run(name: str) -> None:
+    method, variant = split_run(name)
+    if method not in METHODS:
+        raise ValueError(f"run {name!r}: the method must be one of {METHODS} (e.g. 'localsgd@8', 'palsgd@auto').")
+    if variant is None:
+        return
+    if method == "ddp":
+        raise ValueError(f"run {name!r}: DDP has no sync interval; use 'ddp'.")
+    if variant != "auto" and not (variant.isdigit() and int(variant) >= 1):
+        raise ValueError(f"run {name!r}: after '@' comes an interval H >= 1 (e.g. '{method}@8') or 'auto'.")
 
 # GPT-Neo overrides of the "tiny" preset. "small" (1.1M parameters, 4.3 MB of fp32 gradients) makes
 # one DDP all-reduce at 100 Mbit/s cost ~0.37 s against ~0.3 s of compute per step on one core:
@@ -40,8 +62,9 @@ class BenchSettings:
     lr_warmup_steps: int = 10  # linear LR warm-up, then constant (methods run different step counts)
     eval_every: int = 16
     eval_samples: int = 64  # validation blocks per evaluation
-    palsgd_warmup_steps: int = 16  # synchronous steps before local steps start (all local methods)
-    sync_interval: int = 32
+    # H and the warm-up are the library's defaults (PALSGDConfig; a unit test keeps them equal).
+    palsgd_warmup_steps: int = 32  # synchronous steps before local steps start (all local methods)
+    sync_interval: int = 16
     pseudo_sync_prob: float = 0.2
     mixing_rate: Optional[float] = None  # None: chosen so that c = lr*eta/p = pull_coefficient
     # The pull per pseudo-sync step. The paper's GPT-Neo-8M example has c = 0.05; a sweep here
@@ -54,15 +77,18 @@ class BenchSettings:
     outer_lr: float = 0.7
     outer_momentum: float = 0.5
     seed: int = 0
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_RUNS  # run names: a method, optionally '@H' or '@auto'
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.model_size not in MODEL_SIZES:
             raise ValueError(f"model_size={self.model_size!r} is unknown; choose one of {sorted(MODEL_SIZES)}.")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(f"methods={list(self.methods)!r}: each must be one of {METHODS} (at least one).")
+        if not self.methods:
+            raise ValueError(f"methods=[]: name at least 'ddp' and one of {METHODS[1:]}.")
+        for name in self.methods:
+            _check_run(name)
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods={list(self.methods)!r} repeats a run; name each once.")
         if "ddp" not in self.methods:
             raise ValueError("methods must include 'ddp': its final eval loss is the target of the others.")
         for name, minimum in (("workers", 1), ("steps", 1), ("eval_every", 1), ("batch_size", 1),
@@ -97,18 +123,23 @@ class BenchSettings:
             return self.mixing_rate
         return self.pull_coefficient * self.pseudo_sync_prob / self.learning_rate
 
-    def max_steps(self, method: str) -> int:
-        return self.steps if method == "ddp" else int(round(self.steps * self.local_step_factor))
+    def max_steps(self, run: str) -> int:
+        return self.steps if run == "ddp" else int(round(self.steps * self.local_step_factor))
 
     def tokens_per_step(self) -> int:
         return self.workers * self.batch_size * self.block_size
 
-    def palsgd_config(self, method: str) -> dict[str, Any]:
-        """PALSGDConfig fields of ``method`` (same H, warm-up and seed for every local method)."""
+    def palsgd_config(self, run: str) -> dict[str, Any]:
+        """PALSGDConfig fields of ``run`` (same H, warm-up and seed for every local method unless the run names
+        its own H, or 'auto': then H starts at the settings' H and the policy moves it)."""
+        method, variant = split_run(run)
         cfg: dict[str, Any] = {"method": method, "seed": self.seed}
         if method == "ddp":
             return cfg
-        cfg.update(sync_interval=self.sync_interval, warmup_steps=self.palsgd_warmup_steps)
+        interval = int(variant) if variant not in (None, "auto") else self.sync_interval
+        cfg.update(sync_interval=interval, warmup_steps=self.palsgd_warmup_steps)
+        if variant == "auto":
+            cfg.update(sync_policy="auto")
         if method in ("diloco", "palsgd"):
             cfg.update(outer_lr=self.outer_lr, outer_momentum=self.outer_momentum)
         if method == "palsgd":

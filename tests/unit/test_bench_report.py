@@ -10,8 +10,9 @@ import json
 
 import pytest
 
-from benchmarks.harness.report import markdown_table, write_report
-from benchmarks.harness.settings import BenchSettings, tiny_settings
+from palsgd_hf.config import PALSGDConfig
+from benchmarks.harness.report import markdown_table, run_label, write_report
+from benchmarks.harness.settings import BenchSettings, split_run, tiny_settings
 from benchmarks.harness.summary import check_targets, first_reach, loss_at_step, summarize_link
 
 
@@ -60,14 +61,48 @@ def test_summary_against_hand_computed_values(runs):
     assert p["local_bytes_per_step_vs_ddp"] == pytest.approx(3 / 50)
     assert s["localsgd"]["time_to_target"] is None and s["localsgd"]["time_to_target_vs_ddp"] is None
     assert s["localsgd"]["local_bytes_per_step_vs_ddp"] is None  # no warm-up boundary recorded
-    targets = check_targets(s, sync_interval=16)
+    targets = check_targets(s, sync_interval=16, rate_mbit=100)
     assert targets == {
-        "time_to_target_le_0.6x_ddp": True,
-        "time_to_target_le_0.9x_diloco": True,  # 0.69
+        "time_to_target_le_0.45x_ddp": True,  # 12.5 / 40 = 0.31
+        "ahead_of_localsgd_at_its_best_H": True,  # Local SGD never reaches the target
+        "ahead_of_diloco": True,  # 12.5 s < 18 s
         "equal_token_loss_within_2pct_of_ddp": True,
         "local_bytes_per_step_le_1/H (H=16)": True,  # 0.06 <= 0.0625
     }
     assert check_targets(s, sync_interval=32)["local_bytes_per_step_le_1/H (H=32)"] is False
+    assert check_targets(s, sync_interval=16)["time_to_target_le_1x_ddp"] is True  # unshaped / fast: <= DDP's
+
+
+def test_targets_compare_with_local_sgd_at_its_best_interval(runs):
+    # A second Local SGD run (H 8) reaches the target at step 50 in 10 s: before PALSGD's 12.5 s.
+    runs["localsgd@8"] = run(60, 0.2, [4.2, 3.6, 3.3, 3.1, 2.99, 2.9], 13 * 4e6)
+    targets = check_targets(summarize_link(runs), sync_interval=16, rate_mbit=100)
+    assert targets["ahead_of_localsgd_at_its_best_H"] is False and targets["ahead_of_diloco"] is True
+
+
+def test_run_variants_set_their_own_interval_or_the_auto_policy():
+    s = BenchSettings(methods=("ddp", "localsgd@8", "palsgd", "palsgd@auto"))
+    assert split_run("localsgd@8") == ("localsgd", "8") and split_run("palsgd") == ("palsgd", None)
+    assert s.palsgd_config("localsgd@8")["sync_interval"] == 8
+    assert s.palsgd_config("localsgd@8")["method"] == "localsgd"
+    auto = s.palsgd_config("palsgd@auto")
+    assert auto["sync_policy"] == "auto" and auto["sync_interval"] == s.sync_interval
+    assert {k: v for k, v in auto.items() if k != "sync_policy"} == s.palsgd_config("palsgd")
+    assert s.max_steps("localsgd@8") == s.max_steps("localsgd")
+    assert [run_label(r, 16) for r in ("ddp", "localsgd@8", "palsgd", "palsgd@auto")] == [
+        "DDP", "Local SGD (H 8)", "PALSGD (H 16)", "PALSGD (auto)"]
+    PALSGDConfig(**s.palsgd_config("palsgd@auto"))  # the library accepts every run's settings
+    PALSGDConfig(**s.palsgd_config("localsgd@8"))
+
+
+def test_bench_defaults_are_the_library_defaults():
+    """The sitting measures PALSGD 'with its defaults': the harness must not drift from PALSGDConfig's."""
+    bench, library = BenchSettings(), PALSGDConfig()
+    assert bench.sync_interval == library.sync_interval
+    assert bench.palsgd_warmup_steps == library.warmup_steps
+    assert bench.pseudo_sync_prob == library.pseudo_sync_prob
+    assert (bench.outer_lr, bench.outer_momentum) == (library.outer_lr, library.outer_momentum)
+    assert bench.pull_coefficient == library.pull  # the harness's schedule peaks at its lr: c = pull there
 
 
 def test_summary_needs_ddp(runs):
@@ -98,18 +133,21 @@ def test_write_report_files(tmp_path, runs):
     assert [row[1:] for row in rows] == [
         ["DDP", "40", "40.0", "1.000", "40.0", "1.00", "2.22", "3.0000", "3.0000", "+0.00%", "4.000",
          "1.0000 (n/a)", "in backward", "n/a", "n/a"],  # 40/18 = 2.22 x DiLoCo
-        ["Local SGD", "60", "18.0", "0.300", "n/a", "n/a", "n/a", "3.1000", "3.3000", "+10.00%", "0.867",
+        ["Local SGD (H 16)", "60", "18.0", "0.300", "n/a", "n/a", "n/a", "3.1000", "3.3000", "+10.00%", "0.867",
          "0.2167 (n/a)", "1.0", "n/a", "n/a"],  # 52 MB / 60 steps; never reaches 3.0
-        ["DiLoCo", "60", "18.0", "0.300", "18.0", "0.45", "1.00", "2.9900", "3.1000", "+3.33%", "0.867",
+        ["DiLoCo (H 16)", "60", "18.0", "0.300", "18.0", "0.45", "1.00", "2.9900", "3.1000", "+3.33%", "0.867",
          "0.2167 (0.0600)", "1.0", "n/a", "n/a"],  # (52 - 40) MB / 50 steps = 0.06 x 4 MB
-        ["PALSGD", "60", "15.0", "0.250", "12.5", "0.31", "0.69", "2.9000", "3.0300", "+1.00%", "0.867",
+        ["PALSGD (H 16)", "60", "15.0", "0.250", "12.5", "0.31", "0.69", "2.9000", "3.0300", "+1.00%", "0.867",
          "0.2167 (0.0600)", "1.0", "n/a", "n/a"],  # 12.5/40, 12.5/18
     ]
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"methods": ("palsgd",)}, "must include 'ddp'"),
-    ({"methods": ("ddp", "sgd")}, "each must be one of"),
+    ({"methods": ("ddp", "sgd")}, "must be one of"),
+    ({"methods": ("ddp", "localsgd@0")}, "an interval H >= 1"),
+    ({"methods": ("ddp", "ddp@8")}, "DDP has no sync interval"),
+    ({"methods": ("ddp", "palsgd", "palsgd")}, "repeats a run"),
     ({"steps": 100, "eval_every": 16}, "multiple of eval_every"),
     ({"model_size": "huge"}, "model_size='huge' is unknown"),
     ({"local_step_factor": 0.5}, "local_step_factor"),
