@@ -28,8 +28,14 @@ user's interval. The first period starts at the local phase and lasts ``sync_int
 not shortened to a multiple of H as in the fixed schedule). With one replica there is nothing to
 wait for and H stays.
 
-Agreement: every decision uses (t_step, t_sync, drift) maxed over all ranks by two tiny
-all-reduces (3 float64 values each) at the sync, which every rank reaches at the same step, so
+t_sync is the *least* time any rank was blocked in the exchange: that of the last replica to arrive,
+which waited only for the transfer. The others also waited for it, but that wait is the replicas'
+compute imbalance (their coins skip compute on different steps; load on a shared host), which a longer
+H does not amortize; counted as link time it grew H on a 1 Gbit/s link with a loaded host
+(BENCHMARKS.md, "The defaults sitting").
+
+Agreement: every decision uses t_step and the drift maxed, and t_sync minimized, over all ranks by two
+tiny all-reduces (3 float64 values each) at the sync, which every rank reaches at the same step, so
 every replica decides the same H at the same step, deterministically given the measurements. The
 schedule's state (H, the next sync step, the baseline drift, the last measurements) is
 checkpointed, so a resumed run continues the same schedule. Every decision is logged at INFO and
@@ -157,10 +163,13 @@ class AdaptiveSchedule:
 
     def after_sync(self, step: int, sync_seconds: float, drift: float, groups: tuple[Communicator, ...]) -> None:
         """Decide the next interval from the agreed measurements; the next sync is that many steps away."""
-        agreed = torch.tensor([self.timer.median(), float(sync_seconds), float(drift)], dtype=torch.float64)
+        # Maxed: the slowest step and the largest drift; the sync time minimized (max of its negative): the last
+        # rank to arrive waited for the transfer alone (see the module docstring).
+        agreed = torch.tensor([self.timer.median(), -float(sync_seconds), float(drift)], dtype=torch.float64)
         for group in groups:  # peers (same shard, every replica), then the replica's own ranks
             agreed = group.all_reduce_max(agreed)
         t_step, t_sync, drift = (float(v) for v in agreed.tolist())
+        t_sync = -t_sync
         previous = self.interval
         if groups[0].size > 1:  # with one replica there is nothing to wait for: H stays
             self.interval = self.decide(previous, t_step, t_sync, drift)
