@@ -82,5 +82,5 @@ def test_tiny_benchmark_end_to_end(tmp_path):
         assert 60 < fit["link_mbit_s"] < 105, fit  # tbf at 100 Mbit/s measures ~93-95 Mbit/s
 
     md = (out / "results.md").read_text()
-    assert "| PALSGD |" in md and "Targets on" in md
+    assert "| PALSGD (H 4) |" in md and "Targets on" in md
     assert (out / f"loss_{label}.png").read_bytes()[:4] == b"\x89PNG"
