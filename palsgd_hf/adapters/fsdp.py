@@ -23,6 +23,15 @@ does nothing: a local step sends nothing across replicas, and a pseudo-sync step
 backward on every rank of the replica: the ranks of a replica share one coin) makes FSDP issue no
 collective at all.
 
+``mean_in_backward=False`` (the fault-tolerant mode, :mod:`palsgd_hf.fault_tolerance.session`) moves that mean
+to the step boundary instead: no hook; ``warmup_gradient_sync`` sends this rank's gradient shards of every
+FSDP module in one exchange, after backward and before the inner step. Inside backward a replica restarted by
+torchft could not join the others (they would be waiting in the middle of their backward, one exchange per
+module); at the step boundary it takes a peer's state, runs its own backward and meets them in that exchange,
+and a warm-up step costs one exchange (one quorum) rather than one per module. The mean is then taken after
+anything the loop did between backward and ``optimizer.step()`` (clipping clips each replica's gradient), as
+for a one-process replica.
+
 Not supported (refused on construction): FSDP1 (``FullyShardedDataParallel``), HSDP (a 2-D mesh:
 FSDP2's replica all-reduce cannot be switched off without dropping the gradient, it only defers
 it), CPU offload, a mesh that is not this rank's replica group, trained parameters left out of
@@ -80,13 +89,14 @@ class FSDPAdapter:
             a checkpoint loaded afterwards overwrites them.
         shard_size: S, the ranks per replica the FSDP mesh must span.
         broadcast: ``False`` skips that broadcast (a state restored before attaching).
+        mean_in_backward: ``False`` averages warm-up gradients at the step boundary (see the module docstring).
     """
 
     # Replicas start equal (the broadcast below) and warm-up averages every rank's gradient.
     starts_identical = True
 
     def __init__(self, model: torch.nn.Module, optimizer, comm: Communicator, shard_size: int,
-                 broadcast: bool = True):
+                 broadcast: bool = True, mean_in_backward: bool = True):
         self.model = model
         self.optimizer = optimizer
         self.modules = fsdp_modules(model)
@@ -95,7 +105,8 @@ class FSDPAdapter:
         self._check_params(shard_size)
         self._warmup = False
         self._comm = comm
-        for module in self.modules:
+        self._mean_in_backward = mean_in_backward
+        for module in self.modules if mean_in_backward else ():
             if module._get_fsdp_state()._fsdp_param_groups:
                 module.set_all_reduce_hook(self._after_reduce_scatter)
         if broadcast and comm.size > 1:
@@ -128,7 +139,10 @@ class FSDPAdapter:
         self._warmup = enabled
 
     def warmup_gradient_sync(self, comm: Communicator) -> None:
-        """Nothing left to do: the hook averaged each reduced shard during backward (before clipping)."""
+        """Nothing left to do when the hook averaged each reduced shard during backward (before clipping); else
+        one exchange of this rank's gradient shards with the same shard of every replica."""
+        if not self._mean_in_backward and comm.size > 1:
+            _mean_gradient_shards(self._trained, comm)
 
     def sync_buffers(self) -> list[torch.Tensor]:
         """Floating-point buffers (not sharded by FSDP2), averaged at every sync."""
@@ -233,6 +247,40 @@ class FSDPAdapter:
                     "Pass mesh=palsgd_hf.adapters.fsdp.shard_mesh(shard_size) to fully_shard (and make "
                     "palsgd_shard_size the FSDP shard size)."
                 )
+
+
+@torch.no_grad()
+def _mean_gradient_shards(params: list, comm: Communicator) -> None:
+    """Average the local gradient shards of ``params`` over ``comm`` in one fp32 exchange, in place.
+
+    The buffer covers every trained parameter, with or without a gradient here, so every replica sends the same
+    number of values (a size that differed would pair mismatched buffers), plus one flag per parameter: 1 where
+    it has a gradient. A parameter with a gradient on some replica gets the mean on all of them (the replicas
+    without one count as zeros, as DDP counts unused parameters); one with none anywhere keeps none everywhere,
+    so the replicas stay identical through warm-up (a rejoin during warm-up relies on that).
+    """
+    if not params:
+        return
+    shards = [_local(p) for p in params]
+    sizes = [s.numel() for s in shards]
+    total = sum(sizes)
+    flat = torch.zeros(total + len(params), dtype=torch.float32, device=shards[0].device)
+    values, flags = flat[:total].split(sizes), flat[total:]
+    for i, (p, value) in enumerate(zip(params, values)):
+        if p.grad is not None:
+            value.copy_(_local(p.grad).reshape(-1))
+            flags[i] = 1.0
+    mean = comm.all_reduce_mean(flat)
+    if mean is not flat:
+        flat.copy_(mean)
+    for p, value, flag in zip(params, values, flags.tolist()):
+        if flag == 0.0:
+            p.grad = None
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # a DTensor sharded like its parameter
+        grad = _local(p.grad)
+        grad.copy_(value.view(grad.shape))
 
 
 def _is_dtensor(t) -> bool:

@@ -15,9 +15,10 @@
 A replica of S ranks (its own ``torchrun --nproc_per_node S``, as for the session in a hand-written loop) shards
 the model with FSDP2 over all of its ranks (``fully_shard(..., mesh=shard_mesh(S))``) and prepares the optimizer
 only, never the model (accelerate has no FSDP mode on CPU and would wrap it in DDP), exactly as the
-non-fault-tolerant hooks on an FSDP2 model; ``PALSGDConfig(shard_size=S, warmup_steps=0)``; the session is
-built after the ``Accelerator`` (which starts the replica's world). Refused before any step: a session of
-another world, another shard size, warm-up with several ranks, a DDP-prepared model (naming the fix).
+non-fault-tolerant hooks on an FSDP2 model; ``PALSGDConfig(shard_size=S)``; the session is built after the
+``Accelerator`` (which starts the replica's world). Warm-up works as with one process: its gradient mean is one
+managed exchange in ``optimizer.step()`` (after backward and any clipping; see the session). Refused before any
+step: a session of another world, another shard size, a DDP-prepared model (naming the fix).
 
 Everything else is :class:`~palsgd_hf.integrations.accelerate.PALSGDAccelerate`'s (coins drawn after each
 step, gradient accumulation, per-rank checkpoints); only the algorithm is built by the session.
@@ -55,12 +56,6 @@ class FaultTolerantAccelerate(PALSGDAccelerate):
                 f"shard_size={config.shard_size} but this replica has {ranks} ranks: the fault-tolerant hooks run a "
                 f"replica of several ranks as one FSDP2 model copy over all of them; use shard_size={ranks} and "
                 f"fully_shard(..., mesh=shard_mesh({ranks})), or one process per replica."
-            )
-        if ranks > 1 and config is not None and (config.warmup_steps > 0 or config.method == "ddp"):
-            raise PALSGDConfigError(
-                f"warmup_steps={config.warmup_steps} (method={config.method!r}) is not supported by a fault-tolerant "
-                f"replica of {ranks} ranks: its warm-up gradient means run inside FSDP's backward, where a restarted "
-                "replica cannot rejoin. Use warmup_steps=0 (method 'palsgd' or 'diloco'), or one process per replica."
             )
         super().__init__(accelerator, config)
         self.session, self.extra_state = session, extra_state

@@ -27,9 +27,13 @@ shard the model with FSDP2 (``fully_shard(module, mesh=shard_mesh(S))``, ``shard
 runs a ``Manager`` with ``rank=r, world_size=S`` and the replica's id: torchft's managed group of rank r
 holds rank r of every replica in the quorum (PALSGD's peers: same shard, every replica), a rejoining rank
 takes its shard's state from the same rank of a live replica, and the commit vote covers the whole replica.
+A warm-up step (and every step of ``method='ddp'``) averages the gradient shards in one managed exchange at the
+step boundary, after backward (``FSDPAdapter(mean_in_backward=False)``), not inside FSDP's backward: a replica
+that rejoins then takes a peer's state (identical on every replica during warm-up), runs its own backward and
+meets the others in that exchange, as a one-process replica does.
 
-Supported: a plain module (one process) or FSDP2 (S ranks, no warm-up), blocking fp32 exchanges at a fixed
-interval (the settings that need other collectives are refused before any work, naming the fix).
+Supported: a plain module (one process) or FSDP2 (S ranks), blocking fp32 exchanges at a fixed interval (the
+settings that need other collectives are refused before any work, naming the fix).
 """
 
 from __future__ import annotations
@@ -135,8 +139,10 @@ class FaultTolerantSession:
         if self.group_size > 1:
             # FSDP2 over the replica's own world: shard r exchanges with shard r of the other replicas (torchft's
             # group of rank r); the replica's ranks agree on a skipped sync over their world. No broadcast: join()
-            # gives every rank the state of the same rank of the first replica.
-            adapter = FSDPAdapter(model, optimizer, self.comm, config.shard_size, broadcast=False)
+            # gives every rank the state of the same rank of the first replica. Warm-up means at the step boundary,
+            # where a restarted replica can meet the others (inside backward it could not).
+            adapter = FSDPAdapter(model, optimizer, self.comm, config.shard_size, broadcast=False,
+                                  mean_in_backward=False)
             replica = Communicator(None, self.settings.timeout)
         else:
             adapter, replica = ModuleAdapter(model, optimizer, None), LocalCommunicator()
@@ -294,19 +300,11 @@ def _check_supported(model: torch.nn.Module, config: PALSGDConfig, replica_ranks
             "replica of several ranks an FSDP2 model (fully_shard over shard_mesh(S)): pass the module itself."
         )
     if replica_ranks > 1:
-        _check_sharded_replica(model, config, replica_ranks)
+        _check_sharded_replica(model, replica_ranks)
 
 
-def _check_sharded_replica(model: torch.nn.Module, config: PALSGDConfig, replica_ranks: int) -> None:
-    if config.method == "ddp" or config.warmup_steps > 0:
-        # A warm-up step averages each FSDP module's gradient shard in its own managed exchange (inside backward):
-        # a replica restarted then could not resume in the middle of that step.
-        raise PALSGDConfigError(
-            f"warmup_steps={config.warmup_steps} (method={config.method!r}) is not supported by a fault-tolerant "
-            f"replica of {replica_ranks} ranks: its warm-up gradient means run inside FSDP's backward, where a "
-            "restarted replica cannot rejoin. Use warmup_steps=0 (method 'palsgd' or 'diloco'), or one process per "
-            "replica."
-        )
+def _check_sharded_replica(model: torch.nn.Module, replica_ranks: int) -> None:
+    # Warm-up (and method='ddp') is supported: its gradient mean is one managed exchange at the step boundary.
     if not is_fsdp2(model):
         raise PALSGDConfigError(
             f"this replica's torch.distributed world has {replica_ranks} ranks but the model is not sharded with "

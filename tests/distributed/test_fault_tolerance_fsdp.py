@@ -11,12 +11,19 @@ lighthouse, rank r of every replica exchanging shard r (tests/distributed/script
   value than the plain mean: a few ulps per sync), the rest is the same arithmetic; the weights are O(1) and
   10 syncs each add at most a few ulps (~1e-7), so 1e-5 leaves a margin of 100 and still catches any
   algorithmic difference (a missed or doubled outer step moves values by ~1e-2).
+* Default, with 4 warm-up steps: the same comparison. A warm-up step's gradient mean is one managed exchange per
+  rank at the step boundary (the reference averages each FSDP module's shard inside backward); with w = 1 on
+  both replicas it is (g_1 + g_2) / 2 as the reference's, so the bound above is unchanged. Every warm-up step is
+  exactly one managed step per rank (torchft's step count: the join, the warm-up steps, the syncs).
 * Slow: 3 replicas x 2 ranks; the whole of replica 2 (launcher and both ranks) is killed mid-period and
   restarted (as torchrun --max-restarts would). The two others sync without it and keep training; both of
   its ranks rejoin at a later sync with the others' anchor shard bit for bit; the run ends with one global
   model on every rank.
-* Slow, through ``FaultTolerantAccelerate`` (the optimizer prepared, the sharded model not): the same comparison,
-  and the same whole-replica kill and rejoin.
+* Slow, through ``FaultTolerantAccelerate`` (the optimizer prepared, the sharded model not): the same comparison
+  (with warm-up), and the same whole-replica kill and rejoin.
+* Slow: 3 replicas x 2 ranks with a long warm-up; the whole of replica 2 is killed during it and restarted. The
+  two others go on warming up without it; both of its ranks rejoin inside the warm-up with the others' weights
+  bit for bit (and stay equal to them at every later warm-up step); the run ends with one global model.
 """
 
 from __future__ import annotations
@@ -57,39 +64,48 @@ def test_two_sharded_replicas_match_the_unsharded_fault_free_run(tmp_path):
     two_sharded_replicas_match_the_reference(tmp_path)
 
 
+@pytest.mark.timeout(300)
+def test_two_sharded_replicas_warm_up_and_match_the_unsharded_fault_free_run(tmp_path):
+    two_sharded_replicas_match_the_reference(tmp_path, warmup=4)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_accelerate_hooks_with_two_sharded_replicas_match_the_reference(tmp_path):
-    """The same through FaultTolerantAccelerate (the optimizer prepared, the FSDP2 model not)."""
-    two_sharded_replicas_match_the_reference(tmp_path, "--accelerate")
+    """The same through FaultTolerantAccelerate (the optimizer prepared, the FSDP2 model not), with warm-up."""
+    two_sharded_replicas_match_the_reference(tmp_path, "--accelerate", warmup=4)
 
 
-def two_sharded_replicas_match_the_reference(tmp_path, *extra: str) -> None:
+def two_sharded_replicas_match_the_reference(tmp_path, *extra: str, warmup: int = 0) -> None:
     steps = 10 * H
-    with Cluster(tmp_path / "ft", "--steps", str(steps), "--sync-interval", str(H), "--same-init", *extra,
-                 script=SCRIPT, ranks=SHARDS) as ft:
+    expected = [s for s in range(H, steps + 1, H) if s > warmup]  # a sync every H steps, after warm-up
+    args = ("--steps", str(steps), "--sync-interval", str(H), "--warmup", str(warmup))
+    with Cluster(tmp_path / "ft", *args, "--same-init", *extra, script=SCRIPT, ranks=SHARDS) as ft:
         for r in range(2):
             ft.start(r)
         # The reference runs meanwhile: one torchrun of 2 replicas x 2 ranks, no fault tolerance.
-        reference = torchrun(SCRIPT.name, 2 * SHARDS, tmp_path / "ref", "--no-ft", "--replicas", "2",
-                             "--steps", str(steps), "--sync-interval", str(H), timeout=200)
+        reference = torchrun(SCRIPT.name, 2 * SHARDS, tmp_path / "ref", "--no-ft", "--replicas", "2", *args,
+                             timeout=200)
         ft.wait_all(timeout=200)
         results = ft.results()
         for rank in range(SHARDS):
             hooks = {e["hooks"] for r in range(2) for e in ft.events(r, rank) if e["kind"] == "joined"}
             assert hooks == {"FaultTolerantAccelerate" if "--accelerate" in extra else None}, hooks
             syncs = ft.syncs(0, rank=rank)
-            assert [e["step"] for e in syncs] == list(range(H, steps + 1, H)), syncs
+            assert [e["step"] for e in syncs] == expected, syncs
             assert all(e["participants"] == 2 for e in syncs)
             assert [e["anchor"] for e in syncs] == [e["anchor"] for e in ft.syncs(1, rank=rank)]
     anchors = one_global_model(results, 2)
     for ref in reference:
         ft_rank = next(r for r in results if r["replica"] == ref["replica"] and r["shard"] == ref["shard"])
-        assert ft_rank["counters"]["outer_syncs"] == ref["counters"]["outer_syncs"] == steps // H
-        assert ft_rank["counters"]["pseudo_syncs"] == ref["counters"]["pseudo_syncs"]
+        assert ft_rank["counters"] == ref["counters"], (ft_rank["counters"], ref["counters"])
+        assert ref["counters"]["outer_syncs"] == len(expected) and ref["counters"]["warmup_steps"] == warmup
+        # One managed exchange per warm-up step and per sync, plus the join: no exchange inside backward.
+        assert ft_rank["ft"]["managed_steps"] == 1 + warmup + len(expected), ft_rank["ft"]
+        # The bound (module docstring): a few ulps per sync on O(1) values; the warm-up means add none.
         gap = max(abs(a - b) for a, b in zip(anchors[ref["shard"]], ref["anchor_values"]))
         assert gap <= 1e-5, f"shard {ref['shard']}: {gap:.3g} from the non-fault-tolerant run"
-    print(f"\nFT x FSDP2 (2 replicas x 2 ranks): final anchor within "
+    print(f"\nFT x FSDP2 (2 replicas x 2 ranks, {warmup} warm-up steps): final anchor within "
           f"{max(abs(a - b) for r in reference for a, b in zip(anchors[r['shard']], r['anchor_values'])):.2g} "
           "of the non-fault-tolerant sharded run")
 
@@ -197,3 +213,46 @@ def test_one_dead_rank_ends_its_replica_which_restarts_and_rejoins(tmp_path):
         return killed_at, ft.start(2)
 
     kill_and_rejoin(tmp_path, kill, coins="per_replica")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_kill_a_whole_sharded_replica_during_warm_up_and_rejoin(tmp_path):
+    """Replica 2 (launcher and both ranks) killed during a long warm-up and restarted: it rejoins inside the
+    warm-up (at one of the others' per-step exchanges) with their weights bit for bit."""
+    warmup = 400  # 0.1 s per step: > 40 s of warm-up, far longer than a restart (6-14 s measured)
+    steps = warmup + 4 * H
+    with Cluster(tmp_path, "--replicas", "3", "--steps", str(steps), "--warmup", str(warmup), "--sync-interval",
+                 str(H), "--step-seconds", "0.1", script=SCRIPT, ranks=SHARDS) as ft:
+        for r in range(3):
+            ft.start(r)
+
+        def warmups(replica: int, shard: int, after: float = 0.0) -> dict[int, dict]:
+            return by_step([e for e in ft.events(replica, shard) if e["kind"] == "warmup" and e["t"] > after])
+
+        ft.wait_for(lambda: all(len(warmups(2, s)) >= 3 for s in range(SHARDS)), timeout=200,
+                    what="replica 2's warm-up steps")
+        killed_step = max(max(warmups(2, s)) for s in range(SHARDS))
+        killed_at = ft.kill(2)
+        restarted_at = ft.start(2)
+        ft.wait_all(timeout=300)
+        results = ft.results()
+        for shard in range(SHARDS):
+            joined = [e for e in ft.events(2, shard) if e["kind"] == "joined" and e["t"] > killed_at][0]
+            # It rejoined inside the warm-up, after the kill, with the others' state.
+            assert joined["rejoined"] and killed_step < joined["step"] < warmup, joined
+            survivors = [warmups(r, shard) for r in (0, 1)]
+            # The survivors warmed up without it meanwhile (their exchanges had 2 participants) ...
+            assert any(e["participants"] == 2 and e["t"] < joined["t"] for e in warmups(0, shard, killed_at).values())
+            # ... and from its rejoin on it holds their weights at every warm-up step, bit for bit.
+            again = warmups(2, shard, killed_at)
+            assert again and all(e["participants"] == 3 for e in again.values()), again
+            for step, event in again.items():
+                assert event["weights"] == survivors[0][step]["weights"] == survivors[1][step]["weights"], step
+            syncs = ft.syncs(2, rank=shard)
+            assert [e["step"] for e in syncs] == list(range(warmup + H, steps + 1, H)), syncs
+    one_global_model(results, 3)
+    assert all(r["ft"]["rejoins"] >= 1 for r in results if r["replica"] == 2), results
+    print(f"\nFT x FSDP2 (3 replicas x 2 ranks): replica 2 killed at warm-up step {killed_step}, rejoined at "
+          f"step {joined['step']} {joined['t'] - restarted_at:.2f} s after its restart (join() "
+          f"{joined['seconds']:.2f} s); one global model at step {steps}")

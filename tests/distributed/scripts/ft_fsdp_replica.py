@@ -9,7 +9,8 @@ replica is its own torch.distributed world of S ranks, FSDP2 shards one model co
 
 A small MLP on a regression task; each rank reads batches seeded by (replica, shard, step), so the runs read
 the same data at the same step. Writes ``events_<replica>_<rank>.jsonl`` (joined, every sync: step, replicas
-in the sync, sha256 of this rank's anchor shard) and at the end ``result_<replica>_<rank>_<pid>.json``
+in the sync, sha256 of this rank's anchor shard; every H-th warm-up step: sha256 of its weight shard) and at
+the end ``result_<replica>_<rank>_<pid>.json``
 (``rank<R>.json`` with ``--no-ft``)
 (this rank's anchor and weight shards, their sha256).
 """
@@ -54,6 +55,7 @@ def main() -> None:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--sync-interval", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=0, help="warm-up steps (their gradient mean: one exchange each)")
     p.add_argument("--step-seconds", type=float, default=0.0)
     p.add_argument("--stop-file", default=None, help="when it appears, it holds the step to end at (all agree)")
     p.add_argument("--timeout", type=float, default=20.0)
@@ -85,8 +87,8 @@ def main() -> None:
     for layer in (model[0], model[2], model):
         fully_shard(layer, mesh=mesh)
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
-    config = PALSGDConfig(sync_interval=args.sync_interval, warmup_steps=0, pseudo_sync_prob=0.3, mixing_rate=1.0,
-                          outer_lr=0.7, outer_momentum=0.5, seed=3, shard_size=shard_size,
+    config = PALSGDConfig(sync_interval=args.sync_interval, warmup_steps=args.warmup, pseudo_sync_prob=0.3,
+                          mixing_rate=1.0, outer_lr=0.7, outer_momentum=0.5, seed=3, shard_size=shard_size,
                           coins=args.coins)
     session, hooks = None, None
     if args.no_ft:
@@ -131,7 +133,7 @@ def main() -> None:
         if stop is not None and stop.exists():
             args.steps, stop = int(stop.read_text()), None
             continue
-        syncs = algo.counters["outer_syncs"]
+        syncs, warmups = algo.counters["outer_syncs"], algo.counters["warmup_steps"]
         if (hooks.should_compute() if hooks is not None else algo.step_kind() is not StepKind.PSEUDO_SYNC):
             x, y = batch(replica, shard, algo.step)
             torch.nn.functional.mse_loss(model(x), y).backward()
@@ -139,6 +141,8 @@ def main() -> None:
         optimizer.zero_grad()
         if algo.counters["outer_syncs"] != syncs:
             event("sync")
+        if algo.counters["warmup_steps"] != warmups and algo.step % args.sync_interval == 0:
+            event("warmup", weights=sha(owned))  # the replicas are identical throughout warm-up
         if args.step_seconds:
             time.sleep(args.step_seconds)
     algo.finalize()
