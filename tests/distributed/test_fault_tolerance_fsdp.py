@@ -59,6 +59,7 @@ def one_global_model(results: list[dict], replicas: int) -> dict[int, list[float
     return anchors
 
 
+@pytest.mark.slow  # the warm-up test below covers the same path plus warm-up (suite time)
 @pytest.mark.timeout(300)
 def test_two_sharded_replicas_match_the_unsharded_fault_free_run(tmp_path):
     two_sharded_replicas_match_the_reference(tmp_path)
