@@ -313,21 +313,11 @@ def check_training_arguments(recipe: Recipe) -> None:
             json.loads(Path(deepspeed).read_text())
         except (OSError, ValueError) as err:
             raise RecipeError(f"recipe {recipe.source}: deepspeed={deepspeed!r} is not a readable JSON file: {err}.") from None
-    # The arguments' own warnings (a sync interval longer than the run, a weak pull) are about the run and
-    # shown; the single-worker one is about this one-process check, not the launched job, and dropped.
-    quiet = logging.getLogger("palsgd_hf.integrations.trainer_args")
-    only_run_warnings = _DropSingleWorkerWarning()
-    quiet.addFilter(only_run_warnings)
+    # The arguments' own warnings (a sync interval longer than the run, a weak pull) are about the run and shown.
+    # (The single-worker warning, which would be about this one-process check, is the Trainer's: not issued here.)
     try:
         recipe.training_arguments(**values)
     except PALSGDConfigError as err:
         raise RecipeError(f"recipe {recipe.source}: {err}") from None
     except (ValueError, TypeError) as err:
         raise RecipeError(f"recipe {recipe.source}: {recipe.arguments_class.__name__} rejected it: {err}") from None
-    finally:
-        quiet.removeFilter(only_run_warnings)
-
-
-class _DropSingleWorkerWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("PALSGD with a single worker")

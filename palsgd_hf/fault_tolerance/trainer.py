@@ -22,6 +22,8 @@ DeepSpeed; a replica of several ranks whose model is not FSDP2 (accelerate would
 ``palsgd_shard_size`` other than the replica's ranks; a session built in another world than the Trainer's (it
 must come after the arguments, which start ``torch.distributed``); warm-up with several ranks; and the
 settings the managed exchange does not carry (overlap, low-precision exchanges, ...; see session.py).
+``train(resume_from_checkpoint=...)`` is refused before any work: a restarted replica takes the live replicas'
+state when it joins, which is newer than any checkpoint of its own.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class FaultTolerantTrainer(PALSGDTrainer):
     """``PALSGDTrainer`` whose exchanges go through ``session``: one Trainer per replica, which is one process or
     S ranks sharding an FSDP2 model (see the module docstring for the launch, the rejoin and what is refused)."""
 
+    # Its peers are the other replicas, reached through torchft: a world of one worker (one process, or S ranks
+    # with palsgd_shard_size=S) is not alone, so the single-worker warning would mislead.
+    palsgd_peers_outside_world = True
+
     def __init__(self, *args: Any, session: FaultTolerantSession, **kwargs: Any):
         super().__init__(*args, **kwargs)
         _check_replica(self, session)
@@ -56,9 +62,19 @@ class FaultTolerantTrainer(PALSGDTrainer):
             self.state.global_step = algorithm.step
         return algorithm
 
-    def train(self, *args: Any, **kwargs: Any):
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            # Refused before any work (the session stays usable): after join() this replica holds the live
+            # replicas' state, newer than its own checkpoint, which would then roll it back to an older step
+            # than theirs; and replicas resumed from checkpoints of different steps would hold different anchors.
+            raise PALSGDConfigError(
+                f"FaultTolerantTrainer.train(resume_from_checkpoint={resume_from_checkpoint!r}): a fault-tolerant "
+                "replica does not resume from its own checkpoint. Call train() without it: a restarted replica takes "
+                "the live replicas' state when it joins. To restart a whole run (every replica stopped), load every "
+                "replica's model from the global model that a checkpoint (or save_model) wrote, then train() anew."
+            )
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             self.session.shutdown()
 
@@ -67,8 +83,10 @@ def _check_replica(trainer: PALSGDTrainer, session: FaultTolerantSession) -> Non
     """What the fault-tolerant Trainer does not run, refused before any work."""
     ranks = trainer.args.world_size
     if trainer.is_deepspeed_enabled:
+        given = trainer.args.deepspeed  # a config file, a dict, or None when the launcher set DeepSpeed
+        named = f"deepspeed={given!r}" if isinstance(given, str) else "DeepSpeed (deepspeed=... or the launcher)"
         raise PALSGDConfigError(
-            "FaultTolerantTrainer got deepspeed=...: DeepSpeed inside a fault-tolerant replica is not supported (its "
+            f"FaultTolerantTrainer got {named}: DeepSpeed inside a fault-tolerant replica is not supported (its "
             "engine steps PALSGD inside backward, where a replica cannot rejoin). Drop deepspeed and shard the model "
             "with FSDP2 (shard_model(model, palsgd_shard_size)), or train without fault tolerance."
         )

@@ -54,7 +54,7 @@ from . import checkpoint, faults, fsdp_trainer
 from .accelerate import settle_skipped_inner_step
 from .fsdp_trainer import FSDP2TrainerMixin
 from .schedules import schedule_peak_lr
-from .trainer_args import PALSGDTrainingArguments, check_trainer_options, check_training_args, check_world
+from .trainer_args import PALSGDTrainingArguments, check_trainer_options, check_training_args, check_world, warn_alone
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +62,14 @@ logger = logging.getLogger(__name__)
 class PALSGDTrainerMixin(FSDP2TrainerMixin):
     """PALSGD for a ``transformers.Trainer`` subclass; put it first in the bases (see module doc)."""
 
+    palsgd_peers_outside_world = False  # peers that torch.distributed does not hold (FaultTolerantTrainer)
+
     def __init__(self, *args: Any, palsgd_config: Optional[PALSGDConfig] = None, **kwargs: Any):
         _check_hooks(type(self))
         super().__init__(*args, **kwargs)
         _follow_transformers_logging(self.args.get_process_log_level())
         self.palsgd_config = resolve_palsgd_config(self.args, palsgd_config)
+        warn_alone(self.palsgd_config, self.args.world_size, self.palsgd_peers_outside_world)
         self._palsgd_fsdp_setup(self.palsgd_config)  # the model is known: shard size vs DeepSpeed / FSDP2
         self.palsgd: Optional[PALSGD] = None
         self._palsgd_computed_at_log = 0

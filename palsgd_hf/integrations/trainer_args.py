@@ -258,7 +258,13 @@ def check_world(config: PALSGDConfig, world_size: int) -> None:
             f"the job has {world_size} processes, not a multiple of palsgd_shard_size={config.shard_size}: every "
             f"worker needs exactly palsgd_shard_size ranks; launch a multiple of {config.shard_size} processes."
         )
-    if world_size // config.shard_size == 1 and not config.is_ddp:
+
+
+def warn_alone(config: PALSGDConfig, world_size: int, peers_outside_world: bool = False) -> None:
+    """Warn when the world holds one PALSGD worker and it has no peers elsewhere. Called by the Trainer, not the
+    arguments: only the Trainer knows whether the world is all (a fault-tolerant Trainer's peers are the other
+    replicas, reached through torchft: ``peers_outside_world``)."""
+    if world_size // config.shard_size == 1 and not config.is_ddp and not peers_outside_world:
         logger.warning(
             "PALSGD with a single worker (world size %d, palsgd_shard_size %d): there is nobody to average with; "
             "the run is local SGD on one worker with an outer optimizer. Launch with torchrun or "

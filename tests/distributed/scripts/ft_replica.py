@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 
 from palsgd_hf import PALSGDConfig, StepKind
 from palsgd_hf.fault_tolerance import FaultToleranceConfig, FaultTolerantSession
+from palsgd_hf.fault_tolerance.communicator import ReplicaFellBehind
 
 DIM, BATCH, NOISE = 32, 16, 0.5
 
@@ -54,7 +56,23 @@ def anchor_sha(algo) -> str:
 
 
 def inject_faults(args, session, algo, event) -> None:
-    """Stall where the test wants to kill this replica: inside a sync, or while serving a rejoin."""
+    """Stall where the test wants to kill this replica: inside a sync, or while serving a rejoin; or freeze it
+    (SIGSTOP: every thread, torchft's heartbeats too) at its first exchange from step --freeze-at on (a warm-up
+    step's or a sync's), before the exchange's quorum, until the test sends SIGCONT."""
+    if args.freeze_at is not None:
+        weighted_mean, frozen = session.comm.weighted_mean, []
+
+        def freezing_mean(flat, weight, call):
+            if algo.step >= args.freeze_at and not frozen:
+                frozen.append(event("frozen", algo, call=call))
+                os.kill(os.getpid(), signal.SIGSTOP)
+            try:
+                return weighted_mean(flat, weight, call)
+            except ReplicaFellBehind as err:  # the test reads why this replica stopped
+                event("fell_behind", algo, message=str(err))
+                raise
+
+        session.comm.weighted_mean = freezing_mean
     if args.hang_in_sync is not None:
         allreduce = session.manager.allreduce
 
@@ -92,6 +110,7 @@ def main() -> None:
     p.add_argument("--coins", default="shared", choices=["shared", "per_replica"])
     p.add_argument("--hang-in-sync", type=int, default=None, help="at this sync, stall before the all-reduce")
     p.add_argument("--slow-serve", type=float, default=0.0, help="stall this long before serving a rejoin")
+    p.add_argument("--freeze-at", type=int, default=None, help="SIGSTOP itself at its exchange of this step or later")
     p.add_argument("--stop-file", default=None, help="when it appears, it holds the step to end at (all agree)")
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--quorum-timeout", type=float, default=60.0)
