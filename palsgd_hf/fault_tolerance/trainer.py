@@ -20,7 +20,7 @@ restarts from the beginning of its shard). Everything else is ``PALSGDTrainer``'
 Refused when the Trainer is built, before any work (each error names the value, the rule and the fix):
 DeepSpeed; a replica of several ranks whose model is not FSDP2 (accelerate would wrap it in DDP);
 ``palsgd_shard_size`` other than the replica's ranks; a session built in another world than the Trainer's (it
-must come after the arguments, which start ``torch.distributed``); warm-up with several ranks; and the
+must come after the arguments, which start ``torch.distributed``); and the
 settings the managed exchange does not carry (overlap, low-precision exchanges, ...; see session.py).
 ``train(resume_from_checkpoint=...)`` is refused before any work: a restarted replica takes the live replicas'
 state when it joins, which is newer than any checkpoint of its own.
@@ -102,5 +102,5 @@ def _check_replica(trainer: PALSGDTrainer, session: FaultTolerantSession) -> Non
             f"{ranks}: build the session after the TrainingArguments (they start torch.distributed) and after "
             "sharding the model, in every rank of the replica."
         )
-    # shard_size == ranks, no warm-up with several ranks, blocking fp32 exchanges at a fixed interval.
+    # shard_size == ranks, blocking fp32 exchanges at a fixed interval (warm-up: any number of ranks).
     _check_supported(trainer.model, trainer.palsgd_config, ranks)
