@@ -246,5 +246,6 @@ def test_a_replica_frozen_at_a_sync_takes_a_peers_state_at_that_sync_and_continu
         assert first["step"] >= freeze["step"] + 3 * H and first["anchor"] == survivors[first["step"]]["anchor"], first
         assert not [e for e in ft.events(2) if e["kind"] == "fell_behind"]
         assert next(r for r in ft.results() if r["replica"] == 2)["ft"]["rejoins"] >= 1
-    print(f"\nreplica 2 frozen before the sync of step {freeze['step']}, thawed {freeze['thawed_at'] - freeze['t']:.1f} s later: "
+    print(f"\nreplica 2 frozen before the sync of step {freeze['step']}, "
+          f"thawed {freeze['thawed_at'] - freeze['t']:.1f} s later: "
           f"took a peer's state in the sync of step {first['step']}, {first['t'] - freeze['thawed_at']:.2f} s after")
