@@ -71,10 +71,11 @@ class TimeToQualityCallback(TrainerCallback):
         else:
             self._before_local = {"step": state.global_step, **self._comm()}
 
-    def _comm(self) -> dict[str, float]:
+    def _comm(self, m: Optional[dict[str, float]] = None) -> dict[str, float]:
+        """Bytes sent and seconds blocked so far, from ``m`` (the algorithm's metrics) or read now."""
         if self._algo is None:
             return {"comm_bytes": 0.0, "comm_seconds": 0.0}
-        m = self._algo.metrics()
+        m = self._algo.metrics() if m is None else m
         return {"comm_bytes": m["comm_bytes"], "comm_seconds": m["comm_seconds"]}
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
@@ -82,15 +83,16 @@ class TimeToQualityCallback(TrainerCallback):
         if not self._training or metrics is None or "eval_loss" not in metrics:
             return
         step_end = self._last_step_end if self._last_step_end is not None else now
+        algo_metrics = self._algo.metrics() if self._algo is not None else {}
         entry = {
             "step": state.global_step,
             "train_seconds": step_end - self._t0 - self._eval_seconds,
             "wall_seconds": now - self._t0,
             "eval_loss": float(metrics["eval_loss"]),
-            **self._comm(),
+            **self._comm(algo_metrics),
         }
-        if self._algo is not None and "sync_interval" in (metrics_now := self._algo.metrics()):
-            entry["sync_interval"] = metrics_now["sync_interval"]  # sync_policy='auto': H as the policy moves it
+        if "sync_interval" in algo_metrics:  # sync_policy='auto': H as the policy moves it
+            entry["sync_interval"] = algo_metrics["sync_interval"]
         self._eval_seconds += now - step_end
         self.history.append(entry)
         if (self.target_loss is not None and state.global_step >= self.min_steps

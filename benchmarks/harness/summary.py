@@ -97,14 +97,11 @@ def summarize_link(runs: dict[str, dict], unshaped: Optional[dict[str, dict]] = 
     return out
 
 
-def _best_time(summary: dict[str, dict[str, Any]], method: str) -> tuple[Optional[str], Optional[float]]:
-    """The run of ``method`` (any H) that reached the target first, and its time; (None, None) if none did."""
-    reached = [(row["time_to_target"], run) for run, row in summary.items()
+def _best_time(summary: dict[str, dict[str, Any]], method: str) -> Optional[float]:
+    """The shortest time to target of ``method``'s runs (any H); None if none reached it."""
+    reached = [row["time_to_target"] for run, row in summary.items()
                if split_run(run)[0] == method and row["time_to_target"] is not None]
-    if not reached:
-        return None, None
-    seconds, run = min(reached)
-    return run, seconds
+    return min(reached, default=None)
 
 
 def check_targets(summary: dict[str, dict[str, Any]], sync_interval: int,
@@ -120,8 +117,8 @@ def check_targets(summary: dict[str, dict[str, Any]], sync_interval: int,
         return None if value is None else bool(value <= bound)
 
     def ahead_of(method: str) -> Optional[bool]:
-        run, seconds = _best_time(summary, method)
-        if run is None:  # the peer never reached the target (or did not run): ahead if PALSGD did
+        seconds = _best_time(summary, method)
+        if seconds is None:  # the peer never reached the target (or did not run): ahead if PALSGD did
             return None if not any(split_run(r)[0] == method for r in summary) else row["time_to_target"] is not None
         return None if row["time_to_target"] is None else bool(row["time_to_target"] < seconds)
 
