@@ -37,16 +37,20 @@ between syncs, so engines get a per-replica checkpoint layout carrying the PALSG
 
 Entry points: :func:`initialize` (``deepspeed.initialize`` + :func:`attach`) for a raw DeepSpeed
 loop; :func:`attach` + :func:`DeepSpeedStepOptimizer` for an engine that accelerate created inside
-``deepspeed_groups.replica_sharding`` (the HF Trainer path).
+``deepspeed_groups.replica_sharding`` (the HF Trainer path). In the fault-tolerant mode
+(palsgd_hf/fault_tolerance/session.py) each replica is its own world and one ZeRO group over all of it
+(``peers_outside_world=True``): the session builds the adapter, and a rejoining rank takes over its own fp32
+partitions and their inner optimizer state (:meth:`DeepSpeedAdapter.local_optimizer_state`).
 
-DeepSpeed internals are version-specific: the supported range is checked on construction.
+DeepSpeed internals are version-specific: the supported range is checked on construction (:mod:`.deepspeed_checks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -54,11 +58,9 @@ from ..core.adapter import OwnedGroup
 from ..core.comm import Communicator
 from ..core.optimizer import PALSGDOptimizer
 from . import deepspeed_checkpoint
+from .deepspeed_checks import check_deepspeed_version, check_engine
 
 logger = logging.getLogger(__name__)
-
-SUPPORTED_DEEPSPEED = (">=0.17", "<0.20")
-
 
 class DeepSpeedAdapter:
     """The PALSGD adapter of one rank of a ZeRO 1/2/3 ``DeepSpeedEngine``.
@@ -69,16 +71,24 @@ class DeepSpeedAdapter:
         comm: communicator over this rank's peer group (the ranks owning the same partition in
             the other replicas). Collective: on a fresh engine the partitions are broadcast from
             replica 0, so every replica starts from the same model (as DDP does at construction).
+        peers_outside_world: the peers are other replicas reached outside torch.distributed (the
+            fault-tolerant mode: each replica is its own world and ZeRO shards over all of it). No
+            broadcast then: the session's join gives every replica the same state.
     """
 
-    def __init__(self, engine, comm: Communicator):
-        _check_deepspeed_version()
+    # after_write gathers within the replica: a state loaded outside the step (a rejoin) rebuilds the weights
+    # only where every rank of the replica calls it (palsgd_hf/fault_tolerance/session.py).
+    after_write_is_collective = True
+
+    def __init__(self, engine, comm: Communicator, *, peers_outside_world: bool = False):
+        check_deepspeed_version()
         if type(engine).__name__ != "DeepSpeedEngine":
             raise TypeError(f"DeepSpeedAdapter needs a deepspeed.DeepSpeedEngine, got {type(engine).__name__}.")
         self.engine = engine
         self.zero = engine.optimizer
         self.stage = int(engine.zero_optimization_stage())
-        self._check_supported(comm)
+        self._peers_outside_world = peers_outside_world
+        check_engine(engine, self.zero, self.stage, comm, peers_outside_world)
         self.algorithm = None
         self._stepped = False  # did the engine take a PALSGD step since the last finish_step()?
         self._broadcast_initial(comm)
@@ -131,6 +141,29 @@ class DeepSpeedAdapter:
                 for value in state.get(tensor, {}).values():
                     if torch.is_tensor(value) and value.is_floating_point():
                         torch.nan_to_num_(value, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def local_optimizer_state(self, inner: torch.optim.Optimizer) -> dict[str, Any]:
+        """The inner optimizer's state of this rank's partitions (what a rejoining replica's rank takes over)."""
+        with self._inner_params_listed():
+            return inner.state_dict()
+
+    def load_local_optimizer_state(self, inner: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        with self._inner_params_listed():
+            inner.load_state_dict(state)
+
+    @contextlib.contextmanager
+    def _inner_params_listed(self) -> Iterator[None]:
+        # ZeRO-3 lists a sub-group's fp32 partition in the inner optimizer's param_groups only while it steps
+        # it, so the optimizer's state_dict cannot name the tensors its state is keyed by; list them all meanwhile
+        # (as ZeRO-3's own checkpointing does).
+        if self.stage != 3:
+            yield
+            return
+        self.zero._set_fp32_optimizer_param_groups()
+        try:
+            yield
+        finally:
+            self.zero._clear_fp32_optimizer_param_groups()
 
     def set_gradient_sync(self, enabled: bool) -> None:
         """Nothing to switch: ZeRO reduces within the replica only; warm-up crosses replicas below."""
@@ -238,51 +271,12 @@ class DeepSpeedAdapter:
         resumed = self.engine.global_steps > 0 or (checkpoints is not None and checkpoints.pending_state is not None)
         # A fresh start: make the replicas identical (as DDP does). Never after a checkpoint was loaded
         # (the HF Trainer loads before PALSGD attaches): between syncs the replicas' states differ.
-        if comm.size > 1 and not resumed:
+        if comm.size > 1 and not resumed and not self._peers_outside_world:
             for group in self.owned_groups():
                 for t in group.tensors:
                     comm.broadcast(t.data, 0)
         if comm.size > 1 or self.stage == 3:
             self.after_write()
-
-    def _check_supported(self, comm: Communicator) -> None:
-        if self.stage not in (1, 2, 3):
-            raise ValueError(
-                f"PALSGD supports DeepSpeed ZeRO stages 1, 2 and 3, but this engine runs stage {self.stage}; set "
-                "zero_optimization.stage to 1-3 in the DeepSpeed config, or train without DeepSpeed (plain DDP)."
-            )
-        if self.engine.fp16_enabled():
-            raise ValueError(
-                "PALSGD + DeepSpeed is tested with bf16 and fp32, not fp16 (dynamic loss scaling skips steps the "
-                "PALSGD schedule would still count); set bf16.enabled=true instead of fp16 in the DeepSpeed config."
-            )
-        offload = getattr(self.zero, "cpu_offload", False) or getattr(self.zero, "offload_optimizer", False) \
-            or getattr(self.zero, "offload_param", False)
-        if offload:
-            raise NotImplementedError(
-                "PALSGD does not support ZeRO offload (offload_optimizer / offload_param) yet: the partitions it "
-                "acts on then live in swapped CPU/NVMe buffers. Remove the offload_* sections, or keep the PALSGD "
-                "anchor in host memory instead with anchor_device='cpu'."
-            )
-        needed = ("single_partition_of_fp32_groups", "update_lp_params", "averaged_gradients") if self.stage < 3 else (
-            "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "sub_group_to_group_id",
-            "_partition_all_parameters", "_reassign_or_swap_out_partitioned_parameters", "fp16_groups",
-            "_get_param_partition_rank", "persistent_parameters", "invalidate_secondary_tensor",
-            "averaged_gradients",
-        )
-        missing = [name for name in needed if not hasattr(self.zero, name)]
-        if missing:
-            raise RuntimeError(
-                f"this DeepSpeed's ZeRO-{self.stage} optimizer ({type(self.zero).__name__}) lacks {missing}, which "
-                f"PALSGD uses; install deepspeed{','.join(SUPPORTED_DEEPSPEED)}."
-            )
-        zero_size = torch.distributed.get_world_size(self.zero.dp_process_group)
-        if zero_size * comm.size != _world_size():
-            raise ValueError(
-                f"ZeRO shards over {zero_size} ranks and PALSGD averages over {comm.size} replicas, but the world has "
-                f"{_world_size()} ranks: ZeRO must be confined to one replica. Pass mpu=replica_mpu(shard_size) to "
-                "deepspeed.initialize (palsgd_hf.adapters.deepspeed.initialize does this)."
-            )
 
 
 # ---------------------------------------------------------------------- entry points
@@ -353,21 +347,3 @@ def DeepSpeedStepOptimizer(optimizer, algorithm) -> PALSGDOptimizer:  # noqa: N8
     ``PALSGDOptimizer(optimizer, algorithm, engine_steps=True)``.
     """
     return PALSGDOptimizer(optimizer, algorithm, engine_steps=True)
-
-
-def _check_deepspeed_version() -> None:
-    import deepspeed
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import Version
-
-    spec = SpecifierSet(",".join(SUPPORTED_DEEPSPEED))
-    version = Version(deepspeed.__version__.split("+")[0])
-    if version not in spec:
-        raise RuntimeError(
-            f"PALSGD acts on DeepSpeed ZeRO internals that change between releases; it is tested with "
-            f"deepspeed{spec}, found {version}. Install a supported version: pip install 'deepspeed{spec}'."
-        )
-
-
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

@@ -32,8 +32,16 @@ step boundary, after backward (``FSDPAdapter(mean_in_backward=False)``), not ins
 that rejoins then takes a peer's state (identical on every replica during warm-up), runs its own backward and
 meets the others in that exchange, as a one-process replica does.
 
-Supported: a plain module (one process) or FSDP2 (S ranks), blocking fp32 exchanges at a fixed interval (the
-settings that need other collectives are refused before any work, naming the fix).
+A replica of S ranks may instead be one DeepSpeed ZeRO-1/2/3 engine over its whole world (``deepspeed.initialize``
+without an mpu, ``shard_size=S``); ``build_algorithm(engine, engine.optimizer, config)`` binds PALSGD to it and the
+loop calls ``engine.step()`` on every step, skipping forward/backward on a pseudo-sync step, as without fault
+tolerance. A warm-up step's mean is one managed exchange inside ``engine.step()``, after ZeRO's reduction within the
+replica (before any backward of the next step): a rejoining replica meets the others there as with FSDP2. Rank r
+exchanges and takes over its own fp32 partitions and their inner optimizer state; the engine's step and sample
+counts come along; after a rejoin every rank of the replica rebuilds its 16-bit weights together.
+
+Supported: a plain module (one process), FSDP2 or DeepSpeed ZeRO (S ranks), blocking fp32 exchanges at a fixed
+interval (the settings that need other collectives are refused before any work, naming the fix).
 """
 
 from __future__ import annotations
@@ -136,21 +144,34 @@ class FaultTolerantSession:
         if self.algorithm is not None:
             raise RuntimeError("this FaultTolerantSession already drives a PALSGD; use one session per model.")
         _check_supported(model, config, self.group_size)
-        if self.group_size > 1:
+        deepspeed = _is_deepspeed(model)
+        if deepspeed:
+            # ZeRO over the replica's whole world; PALSGD acts on this rank's fp32 partitions and the inner optimizer
+            # of them is the one whose state travels on a rejoin. The engine steps PALSGD (bind below): a warm-up
+            # step's mean is one managed exchange in engine.step(), after ZeRO's reduction within the replica.
+            from ..adapters.deepspeed import DeepSpeedAdapter
+
+            adapter = DeepSpeedAdapter(model, self.comm, peers_outside_world=True)
+            optimizer = model.optimizer.optimizer
+        elif self.group_size > 1:
             # FSDP2 over the replica's own world: shard r exchanges with shard r of the other replicas (torchft's
-            # group of rank r); the replica's ranks agree on a skipped sync over their world. No broadcast: join()
-            # gives every rank the state of the same rank of the first replica. Warm-up means at the step boundary,
-            # where a restarted replica can meet the others (inside backward it could not).
+            # group of rank r). No broadcast: join() gives every rank the state of the same rank of the first
+            # replica. Warm-up means at the step boundary, where a restarted replica can meet the others (inside
+            # backward it could not).
             adapter = FSDPAdapter(model, optimizer, self.comm, config.shard_size, broadcast=False,
                                   mean_in_backward=False)
-            replica = Communicator(None, self.settings.timeout)
         else:
-            adapter, replica = ModuleAdapter(model, optimizer, None), LocalCommunicator()
+            adapter = ModuleAdapter(model, optimizer, None)
+        # The replica's ranks agree on a skipped sync over their world.
+        replica = Communicator(None, self.settings.timeout) if self.group_size > 1 else LocalCommunicator()
         self.algorithm = PALSGD(
-            config, _IdenticalStart(adapter), peers=self.comm, replica=replica,
+            config, adapter if deepspeed else _IdenticalStart(adapter), peers=self.comm, replica=replica,
             replica_index=self.settings.replica_id,
             anchor_device=torch.device("cpu") if config.anchor_device == "cpu" else None,
         )
+        if deepspeed:
+            adapter.bind(self.algorithm)
+            extra_state = {"deepspeed_engine": _EngineCounters(model), **(extra_state or {})}
         self.transfer = StateTransfer(self.algorithm, optimizer, self.comm, self.settings.replica_id)
         for key, obj in (extra_state or {}).items():
             self.transfer.register(key, obj.state_dict, obj.load_state_dict)
@@ -193,6 +214,7 @@ class FaultTolerantSession:
                 self._agree_counters()
                 logger.info("replica %d rejoins at step %d (the others are at %s)",
                             self.settings.replica_id, self.algorithm.step, tuple(peer))
+                self._rebuild_weights()
                 if peer[2] == "sync":
                     self.algorithm.sync()  # its first exchange uses this quorum, with a zero contribution
                 return
@@ -201,6 +223,7 @@ class FaultTolerantSession:
             # so it must not commit before the replicas it serves have fetched the state, which they have once here.
             self.manager.allreduce(torch.zeros(1), reduce_op=ReduceOp.SUM).wait()
             if self.manager.should_commit():
+                self._rebuild_weights()
                 self.comm.participants = self.manager.num_participants()
                 logger.info("replica %d joined a quorum of %d replicas at step %d", self.settings.replica_id,
                             self.comm.participants, self.algorithm.step)
@@ -220,6 +243,18 @@ class FaultTolerantSession:
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
+
+    def _rebuild_weights(self) -> None:
+        """After a state was restored on this replica's ranks, rebuild the weights they compute with, on all of them
+        (DeepSpeed gathers them within the replica; torchft's quorum restores one rank at a time)."""
+        stale = self.transfer.weights_stale
+        if self.group_size > 1:
+            flag = torch.tensor([1 if stale else 0], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank of the replica takes this branch
+            stale = bool(flag.item())
+        if stale:
+            self.algorithm.adapter.after_write()
+        self.transfer.weights_stale = False
 
     def _agree_counters(self) -> None:
         # torchft serves each rank of a rejoining replica from a live replica of its own choice, so with per-replica
@@ -246,6 +281,24 @@ class FaultTolerantSession:
         if not self._closed:
             self._closed = True
             self.manager.shutdown(wait=False)
+
+
+class _EngineCounters:
+    """A DeepSpeed engine's step and sample counts, which a rejoining replica takes from its peer (not its micro-step
+    count: that places the accumulation boundary within the replica's own step)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        return {"global_steps": self.engine.global_steps, "global_samples": self.engine.global_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.global_steps, self.engine.global_samples = state["global_steps"], state["global_samples"]
+
+
+def _is_deepspeed(model) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
 
 
 def _http_transport(settings: FaultToleranceConfig):
@@ -277,8 +330,10 @@ def _replica_store(hostname: str, rank: int, size: int):
     return store, where[0], int(where[1])
 
 
-def _check_supported(model: torch.nn.Module, config: PALSGDConfig, replica_ranks: int = 1) -> None:
-    """Refuse, before any work, the settings whose collectives the managed exchange does not carry."""
+def _check_supported(model: torch.nn.Module, config: PALSGDConfig, replica_ranks: int = 1,
+                     deepspeed: Optional[bool] = None) -> None:
+    """Refuse, before any work, the settings whose collectives the managed exchange does not carry.
+    ``deepspeed``: the model will be (or is) a ZeRO engine over the replica's world (default: it is one now)."""
     refused = {
         "overlap_steps": (config.overlap_steps != 0, "0 (blocking syncs)"),
         "comm_dtype": (config.comm_dtype != "fp32", "'fp32'"),
@@ -294,12 +349,13 @@ def _check_supported(model: torch.nn.Module, config: PALSGDConfig, replica_ranks
                 f"{name}={getattr(config, name)!r} is not supported by the fault-tolerant mode (each exchange is one "
                 f"managed fp32 all-reduce per shard); use {name}={fix}, or run without fault tolerance."
             )
-    if type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine"):
+    if type(model).__name__ == "DistributedDataParallel":
         raise PALSGDConfigError(
-            f"the fault-tolerant mode got a {type(model).__name__}; a replica of one rank takes the plain module, a "
-            "replica of several ranks an FSDP2 model (fully_shard over shard_mesh(S)): pass the module itself."
+            "the fault-tolerant mode got a DistributedDataParallel; a replica of one rank takes the plain module, a "
+            "replica of several ranks an FSDP2 model (fully_shard over shard_mesh(S)) or a DeepSpeed ZeRO engine: "
+            "pass the module itself."
         )
-    if replica_ranks > 1:
+    if replica_ranks > 1 and not (_is_deepspeed(model) if deepspeed is None else deepspeed):
         _check_sharded_replica(model, replica_ranks)
 
 
@@ -307,7 +363,8 @@ def _check_sharded_replica(model: torch.nn.Module, replica_ranks: int) -> None:
     # Warm-up (and method='ddp') is supported: its gradient mean is one managed exchange at the step boundary.
     if not is_fsdp2(model):
         raise PALSGDConfigError(
-            f"this replica's torch.distributed world has {replica_ranks} ranks but the model is not sharded with "
-            "FSDP2; the fault-tolerant mode shards a replica with fully_shard(module, mesh=shard_mesh(S)) only (DDP or "
-            "DeepSpeed inside a replica: not yet). Shard it so, or launch each replica as one process."
+            f"this replica's torch.distributed world has {replica_ranks} ranks but the model is neither sharded with "
+            "FSDP2 nor a DeepSpeed ZeRO engine; the fault-tolerant mode shards a replica with fully_shard(module, "
+            "mesh=shard_mesh(S)) or ZeRO over the replica's world (DDP inside a replica: not supported). Shard it so, "
+            "or launch each replica as one process."
         )

@@ -17,8 +17,14 @@ rank its own shard of it, from the same rank of a live replica) and the Trainer 
 (``state.global_step`` is set to it, so the run still ends at ``max_steps`` with the others; the data loader
 restarts from the beginning of its shard). Everything else is ``PALSGDTrainer``'s.
 
+A replica of S ranks may instead train with DeepSpeed ZeRO-1/2/3 (``deepspeed=`` a ZeRO config,
+``palsgd_shard_size=S``, the model not sharded beforehand): ZeRO shards over the replica's world, the engine steps
+PALSGD as in ``PALSGDTrainer``, a warm-up step's mean is one managed exchange inside that step, and a rejoining
+replica's ranks take their own fp32 partitions, inner optimizer state and the engine's step count from the same
+rank of a live replica (palsgd_hf/fault_tolerance/session.py).
+
 Refused when the Trainer is built, before any work (each error names the value, the rule and the fix):
-DeepSpeed; a replica of several ranks whose model is not FSDP2 (accelerate would wrap it in DDP);
+a replica of several ranks whose model is neither FSDP2 nor DeepSpeed (accelerate would wrap it in DDP);
 ``palsgd_shard_size`` other than the replica's ranks; a session built in another world than the Trainer's (it
 must come after the arguments, which start ``torch.distributed``); and the
 settings the managed exchange does not carry (overlap, low-precision exchanges, ...; see session.py).
@@ -41,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 class FaultTolerantTrainer(PALSGDTrainer):
     """``PALSGDTrainer`` whose exchanges go through ``session``: one Trainer per replica, which is one process or
-    S ranks sharding an FSDP2 model (see the module docstring for the launch, the rejoin and what is refused)."""
+    S ranks sharding an FSDP2 model or a ZeRO engine (see the module docstring: the launch, the rejoin, what is
+    refused)."""
 
     # Its peers are the other replicas, reached through torchft: a world of one worker (one process, or S ranks
     # with palsgd_shard_size=S) is not alone, so the single-worker warning would mislead.
@@ -82,19 +89,12 @@ class FaultTolerantTrainer(PALSGDTrainer):
 def _check_replica(trainer: PALSGDTrainer, session: FaultTolerantSession) -> None:
     """What the fault-tolerant Trainer does not run, refused before any work."""
     ranks = trainer.args.world_size
-    if trainer.is_deepspeed_enabled:
-        given = trainer.args.deepspeed  # a config file, a dict, or None when the launcher set DeepSpeed
-        named = f"deepspeed={given!r}" if isinstance(given, str) else "DeepSpeed (deepspeed=... or the launcher)"
+    if ranks > 1 and not trainer._palsgd_fsdp and not trainer.is_deepspeed_enabled:
         raise PALSGDConfigError(
-            f"FaultTolerantTrainer got {named}: DeepSpeed inside a fault-tolerant replica is not supported (its "
-            "engine steps PALSGD inside backward, where a replica cannot rejoin). Drop deepspeed and shard the model "
-            "with FSDP2 (shard_model(model, palsgd_shard_size)), or train without fault tolerance."
-        )
-    if ranks > 1 and not trainer._palsgd_fsdp:
-        raise PALSGDConfigError(
-            f"this replica's torch.distributed world has {ranks} ranks but the model is not sharded with FSDP2, so "
-            "accelerate would wrap it in DDP, which a fault-tolerant replica does not support. Shard it first "
-            f"(shard_model(model, {ranks}) with palsgd_shard_size={ranks}), or launch each replica as one process."
+            f"this replica's torch.distributed world has {ranks} ranks but the model is not sharded with FSDP2 nor "
+            "trained with DeepSpeed, so accelerate would wrap it in DDP, which a fault-tolerant replica does not "
+            f"support. Shard it first (shard_model(model, {ranks}) with palsgd_shard_size={ranks}), or pass a ZeRO "
+            "config (deepspeed=...), or launch each replica as one process."
         )
     if session.group_size != ranks:
         raise PALSGDConfigError(
@@ -103,4 +103,4 @@ def _check_replica(trainer: PALSGDTrainer, session: FaultTolerantSession) -> Non
             "sharding the model, in every rank of the replica."
         )
     # shard_size == ranks, blocking fp32 exchanges at a fixed interval (warm-up: any number of ranks).
-    _check_supported(trainer.model, trainer.palsgd_config, ranks)
+    _check_supported(trainer.model, trainer.palsgd_config, ranks, deepspeed=trainer.is_deepspeed_enabled)

@@ -14,9 +14,9 @@ blocked there) and serves the result over its checkpoint transport (HTTP); the r
   at the same point of the same step;
 * ``extra``: whatever the caller registered (an LR scheduler, a data position).
 
-In a replica of S ranks (FSDP2) each rank serves and takes its own shard: torchft pairs rank r of the
-rejoining replica with rank r of the serving one, and the weights, anchor and inner optimizer state
-travel as that rank's local shards.
+In a replica of S ranks (FSDP2 or DeepSpeed ZeRO) each rank serves and takes its own shard: torchft pairs
+rank r of the rejoining replica with rank r of the serving one, and the weights, anchor and inner optimizer
+state travel as that rank's local shards (ZeRO: its fp32 partitions and the inner optimizer's state of them).
 
 Kept as the receiver's own: its replica index, its communication counters. With per-replica coins
 its generator is reseeded from (seed, replica, step) rather than copied: a copy would make two
@@ -56,6 +56,9 @@ class StateTransfer:
         self.extra: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
         self.received = 0
         self.served = 0
+        # The weights the model computes with are still to be rebuilt from the restored ones (DeepSpeed: a gather
+        # within the replica, which the session runs on all of its ranks at once, never from inside torchft's quorum).
+        self.weights_stale = False
 
     def register(self, key: str, state_dict: Callable[[], Any], load_state_dict: Callable[[Any], None]) -> None:
         if key in self.extra:
@@ -105,7 +108,10 @@ class StateTransfer:
         with torch.no_grad():
             for t, saved in zip(self.owned(), state["weights"]):
                 t.copy_(saved)
-        algo.adapter.after_write()
+        if getattr(algo.adapter, "after_write_is_collective", False):
+            self.weights_stale = True
+        else:
+            algo.adapter.after_write()
         load_local = getattr(algo.adapter, "load_local_optimizer_state", None)  # FSDP2: this rank's shard of it
         if load_local is not None:
             load_local(self.inner, state["inner"])

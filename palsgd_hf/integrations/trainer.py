@@ -46,6 +46,7 @@ import torch.distributed as dist
 from transformers import Trainer
 from transformers.utils import logging as hf_logging
 
+from ..adapters.deepspeed import attach as deepspeed_attach
 from ..attach import build_algorithm
 from ..config import PALSGDConfig
 from ..core.algorithm import PALSGD, StepKind
@@ -102,17 +103,15 @@ class PALSGDTrainerMixin(FSDP2TrainerMixin):
         faults.apply_collective_timeout(timeout)
         if self.is_deepspeed_enabled:
             # ---- DeepSpeed ZeRO (palsgd_hf/adapters/deepspeed*.py): accelerate's deepspeed.initialize shards
-            # within each replica of palsgd_shard_size ranks; the engine steps PALSGD inside backward, and
+            # within each replica of palsgd_shard_size ranks; the engine steps PALSGD inside backward (attach), and
             # the optimizer's step() takes the pseudo-sync steps, which have no backward.
-            from ..adapters.deepspeed import attach
             from ..adapters.deepspeed_groups import replica_sharding
 
             with replica_sharding(self.palsgd_config.shard_size, timeout):
-                model, train_dataloader = super()._prepare_for_training(
-                    max_steps, train_dataloader, resume_from_checkpoint
-                )
+                model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader,
+                                                                        resume_from_checkpoint)
             self._palsgd_resolve_pull()
-            self.palsgd = attach(self.model_wrapped, self.palsgd_config, comm_timeout=timeout)
+            self.palsgd = self._palsgd_build_algorithm(timeout)
             self.optimizer = PALSGDOptimizer(self.optimizer, self.palsgd, engine_steps=True)
             # The engine takes gradient steps inside backward; the step's interior (token counting,
             # on_pre_optimizer_step, grad-norm logging) goes on until the Trainer's optimizer.step().
@@ -134,6 +133,8 @@ class PALSGDTrainerMixin(FSDP2TrainerMixin):
 
     def _palsgd_build_algorithm(self, timeout) -> PALSGD:
         """This rank's PALSGD (overridden by the fault-tolerant trainer, whose exchanges torchft manages)."""
+        if self.is_deepspeed_enabled:
+            return deepspeed_attach(self.model_wrapped, self.palsgd_config, comm_timeout=timeout)
         return build_algorithm(self.model_wrapped, self.optimizer, self.palsgd_config, comm_timeout=timeout)
 
     def _palsgd_resolve_pull(self) -> None:
@@ -247,9 +248,7 @@ class PALSGDTrainerMixin(FSDP2TrainerMixin):
         return 0 if self._palsgd_kind() is StepKind.PSEUDO_SYNC else super().floating_point_ops(inputs)
 
     def _clip_grad_norm(self, model):
-        if self._palsgd_kind() is StepKind.PSEUDO_SYNC:
-            return None
-        return super()._clip_grad_norm(model)
+        return None if self._palsgd_kind() is StepKind.PSEUDO_SYNC else super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
         if self._palsgd_kind() is StepKind.PSEUDO_SYNC:

@@ -8,8 +8,8 @@
 * Refusals, on real replica worlds (torchrun, gloo) next to a live lighthouse that never forms a quorum (every
   case is refused while the Trainer or the hooks are built, so no replica ever asks for one): a session built in
   a world of another size than the Trainer's or the Accelerator's, ``FaultTolerantAccelerate`` with another
-  ``shard_size`` than the replica's ranks, ``FaultTolerantTrainer`` with DeepSpeed. Each message names the value
-  and the fix; the session built no PALSGD, torchft committed no exchange, the weights did not change.
+  ``shard_size`` than the replica's ranks. Each message names the value and the fix; the session built no
+  PALSGD, torchft committed no exchange, the weights did not change.
 * ``ReplicaFellBehind`` (slow): a replica frozen with SIGSTOP in the warm-up, before its exchange, while the two
   others go on (its heartbeat stops, so their quorums leave it out) past the warm-up into the local phase. Thawed,
   it enters its warm-up exchange; the quorum finds it behind and hands it a live peer's state, taken inside a sync:
@@ -149,14 +149,6 @@ def test_a_session_of_another_world_or_shard_size_is_refused(tmp_path, lighthous
         # The same world and model: the replica's Trainer is silent, the plain Trainer warns (its world is all).
         assert not any(ALONE in m for m in rank["warnings"]["fault_tolerant"]), rank["warnings"]
         assert any(ALONE in m and "world size 2, palsgd_shard_size 2" in m for m in rank["warnings"]["plain"]), rank
-
-
-@pytest.mark.timeout(150)
-def test_deepspeed_in_a_fault_tolerant_trainer_is_refused(tmp_path, lighthouse):
-    (rank,) = torchrun("ft_checks_run.py", 1, tmp_path, "--case", "deepspeed", "--lighthouse", lighthouse,
-                       timeout=120)
-    check_refused(rank["cases"]["trainer_deepspeed"], "FaultTolerantTrainer got deepspeed=", "zero1.json'",
-                  "Drop deepspeed and shard the model with FSDP2", "shard_model(model, palsgd_shard_size)")
 
 
 def frozen(pid: int) -> bool:

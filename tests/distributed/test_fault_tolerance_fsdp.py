@@ -85,7 +85,7 @@ def two_sharded_replicas_match_the_reference(tmp_path, *extra: str, warmup: int 
         for r in range(2):
             ft.start(r)
         # The reference runs meanwhile: one torchrun of 2 replicas x 2 ranks, no fault tolerance.
-        reference = torchrun(SCRIPT.name, 2 * SHARDS, tmp_path / "ref", "--no-ft", "--replicas", "2", *args,
+        reference = torchrun(SCRIPT.name, 2 * SHARDS, tmp_path / "ref", "--no-ft", "--replicas", "2", *args, *extra,
                              timeout=200)
         ft.wait_all(timeout=200)
         results = ft.results()
@@ -106,7 +106,7 @@ def two_sharded_replicas_match_the_reference(tmp_path, *extra: str, warmup: int 
         # The bound (module docstring): a few ulps per sync on O(1) values; the warm-up means add none.
         gap = max(abs(a - b) for a, b in zip(anchors[ref["shard"]], ref["anchor_values"]))
         assert gap <= 1e-5, f"shard {ref['shard']}: {gap:.3g} from the non-fault-tolerant run"
-    print(f"\nFT x FSDP2 (2 replicas x 2 ranks, {warmup} warm-up steps): final anchor within "
+    print(f"\nFT x {' '.join(extra) or 'FSDP2'} (2 replicas x 2 ranks, {warmup} warm-up steps): final anchor within "
           f"{max(abs(a - b) for r in reference for a, b in zip(anchors[r['shard']], r['anchor_values'])):.2g} "
           "of the non-fault-tolerant sharded run")
 
@@ -167,9 +167,9 @@ def kill_and_rejoin(tmp_path, kill, restarts: int = 0, coins: str = "shared", sc
         assert counters[0] == counters[1], (replica, counters)
     again = [r for r in results if r["replica"] == 2]
     assert len(again) == SHARDS and all(r["ft"]["rejoins"] >= 1 for r in again), again
-    print(f"\nFT x FSDP2 (3 replicas x 2 ranks): replica 2 down at step {killed_step}, rejoined at step "
-          f"{joined['step']}, {joined['t'] - restarted_at:.2f} s after its restart (join() {joined['seconds']:.2f} s);"
-          f" the run ended at step {steps} with one global model")
+    print(f"\nFT x {' '.join(extra) or 'FSDP2'} (3 replicas x 2 ranks): replica 2 down at step {killed_step}, "
+          f"rejoined at step {joined['step']}, {joined['t'] - restarted_at:.2f} s after its restart (join() "
+          f"{joined['seconds']:.2f} s); the run ended at step {steps} with one global model")
     return {"killed_step": killed_step, "joined": joined}
 
 
@@ -221,10 +221,15 @@ def test_one_dead_rank_ends_its_replica_which_restarts_and_rejoins(tmp_path):
 def test_kill_a_whole_sharded_replica_during_warm_up_and_rejoin(tmp_path):
     """Replica 2 (launcher and both ranks) killed during a long warm-up and restarted: it rejoins inside the
     warm-up (at one of the others' per-step exchanges) with their weights bit for bit."""
+    kill_during_warm_up_and_rejoin(tmp_path)
+
+
+def kill_during_warm_up_and_rejoin(tmp_path, *extra: str) -> None:
+    """3 replicas x 2 ranks with a long warm-up; replica 2 killed during it and restarted (see the test above)."""
     warmup = 400  # 0.1 s per step: > 40 s of warm-up, far longer than a restart (6-14 s measured)
     steps = warmup + 4 * H
     with Cluster(tmp_path, "--replicas", "3", "--steps", str(steps), "--warmup", str(warmup), "--sync-interval",
-                 str(H), "--step-seconds", "0.1", script=SCRIPT, ranks=SHARDS) as ft:
+                 str(H), "--step-seconds", "0.1", *extra, script=SCRIPT, ranks=SHARDS) as ft:
         for r in range(3):
             ft.start(r)
 
@@ -254,6 +259,6 @@ def test_kill_a_whole_sharded_replica_during_warm_up_and_rejoin(tmp_path):
             assert [e["step"] for e in syncs] == list(range(warmup + H, steps + 1, H)), syncs
     one_global_model(results, 3)
     assert all(r["ft"]["rejoins"] >= 1 for r in results if r["replica"] == 2), results
-    print(f"\nFT x FSDP2 (3 replicas x 2 ranks): replica 2 killed at warm-up step {killed_step}, rejoined at "
-          f"step {joined['step']} {joined['t'] - restarted_at:.2f} s after its restart (join() "
-          f"{joined['seconds']:.2f} s); one global model at step {steps}")
+    print(f"\nFT x {' '.join(extra) or 'FSDP2'} (3 replicas x 2 ranks): replica 2 killed at warm-up step "
+          f"{killed_step}, rejoined at step {joined['step']} {joined['t'] - restarted_at:.2f} s after its restart "
+          f"(join() {joined['seconds']:.2f} s); one global model at step {steps}")

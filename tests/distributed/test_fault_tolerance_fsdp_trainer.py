@@ -40,10 +40,10 @@ ARGS = ("--steps", str(STEPS), "--sync-interval", str(H))
 SCRIPT = SCRIPTS / "ft_fsdp_trainer_replica.py"
 
 
-def run_two_replicas(tmp_path, *first: str, warmup: int = 0) -> list[dict]:
-    """2 replicas x 2 ranks from the same initial model, no failure; ``first``: extra arguments of replica 0.
-    Checks every sync on every rank and the one global model at the end; returns the ranks' results."""
-    with Cluster(tmp_path, *ARGS, "--warmup", str(warmup), "--same-init", script=SCRIPT, ranks=SHARDS) as ft:
+def run_two_replicas(tmp_path, *first: str, warmup: int = 0, both: tuple[str, ...] = ()) -> list[dict]:
+    """2 replicas x 2 ranks from the same initial model, no failure; ``first``: extra arguments of replica 0, ``both``:
+    of both. Checks every sync on every rank and the one global model at the end; returns the ranks' results."""
+    with Cluster(tmp_path, *ARGS, "--warmup", str(warmup), "--same-init", *both, script=SCRIPT, ranks=SHARDS) as ft:
         ft.start(0, *first)
         ft.start(1)
         ft.wait_all(timeout=120)

@@ -10,7 +10,6 @@ committed exchange) and whether the model's weights changed.
   ``FaultTolerantAccelerate`` (2 ranks); a session built in the world, handed to the hooks with ``shard_size=1``.
   Then a valid ``FaultTolerantTrainer`` and a ``PALSGDTrainer`` in the same world: which of them logs the
   single-worker warning (the fault-tolerant replica must not: its peers are the other replicas).
-* ``--case deepspeed`` (1 rank): ``FaultTolerantTrainer`` with ``deepspeed=`` (ZeRO-1).
 
 Writes ``rank<R>.json`` into ``--out``.
 """
@@ -32,8 +31,6 @@ from palsgd_hf.fault_tolerance.trainer import FaultTolerantTrainer
 from palsgd_hf.integrations.fsdp_trainer import shard_model
 from palsgd_hf.integrations.trainer import PALSGDTrainer
 from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments
-
-RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "deepspeed"
 
 
 class Warnings(logging.Handler):
@@ -106,25 +103,15 @@ def worlds(args, session_settings: FaultToleranceConfig) -> dict:
     return result
 
 
-def with_deepspeed(args, session_settings: FaultToleranceConfig) -> dict:
-    training_args = arguments(args, deepspeed=str(RECIPES / "zero1.json"))  # starts the world (1 rank)
-    session = FaultTolerantSession(session_settings)
-    model = Regressor()
-    case = refused(lambda: FaultTolerantTrainer(model=model, args=training_args, train_dataset=Samples(64),
-                                                session=session), session, model)
-    session.shutdown()
-    return {"cases": {"trainer_deepspeed": case}}
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--lighthouse", required=True)
-    p.add_argument("--case", required=True, choices=["worlds", "deepspeed"])
+    p.add_argument("--case", required=True, choices=["worlds"])
     args = p.parse_args()
     session_settings = FaultToleranceConfig(lighthouse=args.lighthouse, replica_id=0, replicas=2,
                                             timeout_seconds=20, quorum_timeout_seconds=20)
-    result = (worlds if args.case == "worlds" else with_deepspeed)(args, session_settings)
+    result = worlds(args, session_settings)
     rank = dist.get_rank()
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()

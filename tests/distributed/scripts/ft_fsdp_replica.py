@@ -1,8 +1,13 @@
-"""One rank of a fault-tolerant PALSGD replica sharded with FSDP2 (tests/distributed/test_fault_tolerance_fsdp.py).
+"""One rank of a fault-tolerant PALSGD replica sharded with FSDP2 or DeepSpeed ZeRO (tests/distributed/
+test_fault_tolerance_fsdp.py, test_fault_tolerance_deepspeed.py).
 
 Launched per replica as ``torchrun --standalone --nproc_per_node S ft_fsdp_replica.py --replica r ...``: the
 replica is its own torch.distributed world of S ranks, FSDP2 shards one model copy over them
 (``fully_shard(..., mesh=shard_mesh(S))``), and PALSGD's exchanges go through torchft (rank r of every replica).
+
+``--deepspeed STAGE``: the replica is one ZeRO-STAGE engine over its S ranks instead (``deepspeed.initialize``
+without an mpu; the reference: ``palsgd_hf.adapters.deepspeed.initialize`` with ``shard_size=S``), and the loop is a
+raw DeepSpeed one (``engine.step()`` on every step, no forward/backward on a pseudo-sync step).
 
 ``--no-ft``: the same model, data and algorithm without fault tolerance, one torchrun of R x S ranks
 (``wrap_optimizer``), the reference the fault-tolerant run is compared with.
@@ -63,6 +68,7 @@ def main() -> None:
     p.add_argument("--coins", default="shared", choices=["shared", "per_replica"])
     p.add_argument("--same-init", action="store_true", help="every replica from seed 0 (as the reference)")
     p.add_argument("--accelerate", action="store_true", help="through FaultTolerantAccelerate (the optimizer prepared)")
+    p.add_argument("--deepspeed", type=int, default=0, help="ZeRO stage of a DeepSpeed replica (0: FSDP2)")
     p.add_argument("--no-ft", action="store_true", help="the non-fault-tolerant reference: R x S ranks, one torchrun")
     args = p.parse_args()
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))  # bounds FSDP's collectives too
@@ -74,34 +80,49 @@ def main() -> None:
     out = Path(args.out)
     events = (out / f"events_{replica}_{shard}.jsonl").open("a", buffering=1)
 
-    from torch.distributed.fsdp import fully_shard
-
-    from palsgd_hf.adapters.fsdp import shard_mesh
-
-    mesh = shard_mesh(shard_size)
     # By default replicas start from different weights (join() makes them identical: torchft's start gives each
     # shard of every replica the same shard of one replica, not necessarily the same replica for every shard);
     # --same-init starts them all from seed 0, as the reference does.
     torch.manual_seed(0 if args.no_ft or args.same_init else 17 * replica)
     model = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT))
-    for layer in (model[0], model[2], model):
-        fully_shard(layer, mesh=mesh)
+    if not args.deepspeed:
+        from torch.distributed.fsdp import fully_shard
+
+        from palsgd_hf.adapters.fsdp import shard_mesh
+
+        mesh = shard_mesh(shard_size)
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh)
     inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     config = PALSGDConfig(sync_interval=args.sync_interval, warmup_steps=args.warmup, pseudo_sync_prob=0.3,
                           mixing_rate=1.0, outer_lr=0.7, outer_momentum=0.5, seed=3, shard_size=shard_size,
                           coins=args.coins)
-    session, hooks = None, None
+    session, hooks, engine = None, None, None
+    if args.deepspeed:
+        import deepspeed
+
+        from palsgd_hf.adapters.deepspeed import initialize
+
+        ds_config = {"train_micro_batch_size_per_gpu": MICRO, "zero_allow_untested_optimizer": True,
+                     "zero_optimization": {"stage": args.deepspeed, "stage3_param_persistence_threshold": 16},
+                     "steps_per_print": 1_000_000}
+        if args.no_ft:  # R x S ranks: ZeRO within each replica (palsgd's mpu), PALSGD across
+            engine, *_, algo = initialize(model=model, optimizer=inner, config=config, ds_config=ds_config)
+        else:  # the replica's world is one ZeRO group: no mpu
+            engine, *_ = deepspeed.initialize(model=model, optimizer=inner, config=ds_config)
     if args.no_ft:
         from palsgd_hf import wrap_optimizer
 
-        optimizer = wrap_optimizer(model, inner, config)
+        optimizer = engine if engine is not None else wrap_optimizer(model, inner, config)
     else:
         from palsgd_hf.fault_tolerance import FaultToleranceConfig, FaultTolerantSession
 
         session = FaultTolerantSession(FaultToleranceConfig(
             lighthouse=args.lighthouse, replica_id=replica, replicas=args.replicas, min_replicas=2,
             timeout_seconds=args.timeout, quorum_timeout_seconds=args.quorum_timeout))
-        if args.accelerate:  # the Accelerate hooks: the optimizer prepared, the FSDP2 model not (no DDP around it)
+        if engine is not None:  # PALSGD bound to the engine: engine.step() is a PALSGD step
+            algo, optimizer = session.build_algorithm(engine, engine.optimizer, config), engine
+        elif args.accelerate:  # the Accelerate hooks: the optimizer prepared, the FSDP2 model not (no DDP around it)
             from accelerate import Accelerator
 
             from palsgd_hf.fault_tolerance.accelerate import FaultTolerantAccelerate
@@ -112,7 +133,8 @@ def main() -> None:
             optimizer = hooks.wrap(model, prepared)  # builds PALSGD and joins
         else:
             optimizer = session.wrap_optimizer(model, inner, config)
-    algo = hooks.algorithm if hooks is not None else optimizer.algorithm
+    if engine is None:
+        algo = hooks.algorithm if hooks is not None else optimizer.algorithm
     owned = [t for g in algo.adapter.owned_groups() for t in g.tensors]
 
     def event(kind: str, **extra) -> None:
@@ -136,9 +158,11 @@ def main() -> None:
         syncs, warmups = algo.counters["outer_syncs"], algo.counters["warmup_steps"]
         if (hooks.should_compute() if hooks is not None else algo.step_kind() is not StepKind.PSEUDO_SYNC):
             x, y = batch(replica, shard, algo.step)
-            torch.nn.functional.mse_loss(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss((engine or model)(x), y)
+            engine.backward(loss) if engine is not None else loss.backward()
+        optimizer.step()  # the engine's step: PALSGD's (with the pull instead of an inner step on a pseudo-sync)
+        if engine is None:
+            optimizer.zero_grad()
         if algo.counters["outer_syncs"] != syncs:
             event("sync")
         if algo.counters["warmup_steps"] != warmups and algo.step % args.sync_interval == 0:

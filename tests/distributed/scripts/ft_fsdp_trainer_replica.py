@@ -1,11 +1,13 @@
-"""One rank of a fault-tolerant replica trained by ``FaultTolerantTrainer`` on an FSDP2 model
-(tests/distributed/test_fault_tolerance_fsdp_trainer.py).
+"""One rank of a fault-tolerant replica trained by ``FaultTolerantTrainer`` on an FSDP2 model or with DeepSpeed ZeRO
+(tests/distributed/test_fault_tolerance_fsdp_trainer.py, test_fault_tolerance_deepspeed.py).
 
 Launched per replica as ``torchrun --standalone --nproc_per_node S ft_fsdp_trainer_replica.py --replica r ...``:
 ``PALSGDTrainingArguments(palsgd_shard_size=S)`` start the replica's world, ``shard_model(model, S)`` shards one
 model copy over its ranks (the non-fault-tolerant FSDP2 Trainer path), and the Trainer's exchanges go through
 torchft (rank r of every replica). ``--no-ft``: the same model, data and settings through ``PALSGDTrainer`` in one
-torchrun of R x S ranks, the reference.
+torchrun of R x S ranks, the reference. ``--deepspeed STAGE``: the model is not sharded beforehand; the arguments
+take ``deepspeed=recipes/deepspeed/zero<STAGE>.json`` and ZeRO shards it over the replica's ranks (the reference:
+within each replica of S ranks, PALSGD's mpu).
 
 Data: a regression task whose sample i is drawn from a generator seeded by i. Accelerate deals batch j of a
 rank's world to rank j % world (sequential sampling), so replica r of the fault-tolerant run reads, in its
@@ -36,6 +38,7 @@ from palsgd_hf.integrations.fsdp_trainer import shard_model
 from palsgd_hf.integrations.trainer import PALSGDTrainer
 from palsgd_hf.integrations.trainer_args import PALSGDTrainingArguments
 
+RECIPES = Path(__file__).resolve().parents[3] / "recipes" / "deepspeed"
 IN, HIDDEN, OUT, MICRO = 8, 16, 4, 4  # every sharded dim even: each of 2 shards holds exactly half
 EVAL_OFFSET = 10_000_000  # eval samples are drawn from seeds no training sample uses
 
@@ -147,8 +150,17 @@ def parse() -> argparse.Namespace:
     p.add_argument("--coins", default="shared", choices=["shared", "per_replica"])
     p.add_argument("--same-init", action="store_true", help="every replica from seed 0 (as the reference)")
     p.add_argument("--check-refusals", action="store_true", help="first build the Trainers it must refuse")
+    p.add_argument("--deepspeed", type=int, default=0, help="ZeRO stage inside each replica (0: FSDP2)")
     p.add_argument("--no-ft", action="store_true", help="the non-fault-tolerant reference: R x S ranks, one torchrun")
     return p.parse_args()
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module) -> float:
+    """The eval loss of a model that is not trained yet (HF + DeepSpeed cannot evaluate before train())."""
+    samples = [Samples(32, offset=EVAL_OFFSET)[i] for i in range(32)]
+    x, y = torch.stack([s["x"] for s in samples]), torch.stack([s["labels"] for s in samples])
+    return float(model(x, labels=y)["loss"])
 
 
 def main() -> None:
@@ -167,6 +179,7 @@ def main() -> None:
         palsgd_sync_interval=args.sync_interval, palsgd_pseudo_sync_prob=0.3, palsgd_warmup_steps=args.warmup,
         palsgd_mixing_rate=1.0, palsgd_outer_lr=0.7, palsgd_outer_momentum=0.5, palsgd_seed=3,
         palsgd_shard_size=shards, palsgd_coins=args.coins,
+        deepspeed=str(RECIPES / f"zero{args.deepspeed}.json") if args.deepspeed else None,
     )  # starts this replica's torch.distributed world (gloo)
     rank = dist.get_rank()
     replica, shard = (rank // shards, rank % shards) if args.no_ft else (args.replica, rank)
@@ -174,7 +187,8 @@ def main() -> None:
     # By default replicas start from different weights (join() makes them identical); --same-init: seed 0, as the
     # reference.
     torch.manual_seed(0 if args.no_ft or args.same_init else 17 * replica)
-    model = shard_model(Regressor(), shards)
+    model = Regressor() if args.deepspeed else shard_model(Regressor(), shards)
+    initial_loss = eval_loss(model) if args.deepspeed else None
     length = MICRO * shards * min(args.steps, 100_000)
     train = Samples(length * (args.replicas if args.no_ft else 1), None if args.no_ft else replica, args.replicas,
                     shards)
@@ -194,7 +208,8 @@ def main() -> None:
         refused = refusals(args, training_args, model, session) if args.check_refusals else []
         trainer = FaultTolerantTrainer(**common, session=session)
     events.trainer = trainer
-    initial_loss = trainer.evaluate()["eval_loss"]  # before training (no PALSGD yet: the model as built)
+    if initial_loss is None:
+        initial_loss = trainer.evaluate()["eval_loss"]  # before training (no PALSGD yet: the model as built)
     events.started = time.time()  # "joined" reports the seconds from train() to the first step (prepare + join)
     trainer.train()  # ends with PALSGD's finalize: every rank holds its shard of the global model
     algo = trainer.palsgd
