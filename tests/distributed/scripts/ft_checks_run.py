@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ft_fsdp_trainer_replica import Regressor, Samples, sha
+from ft_trainer_data import Regressor, Samples, sha
 from palsgd_hf.config import PALSGDConfig, PALSGDConfigError
 from palsgd_hf.fault_tolerance import FaultToleranceConfig, FaultTolerantSession
 from palsgd_hf.fault_tolerance.trainer import FaultTolerantTrainer
