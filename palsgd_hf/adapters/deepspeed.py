@@ -204,7 +204,11 @@ class DeepSpeedAdapter:
         self.engine.palsgd = algorithm
         # Checkpoints: per-replica layout (installed at engine creation by replica_sharding, else now),
         # now including this algorithm's state; a state loaded before binding is applied here.
-        deepspeed_checkpoint.install(self.engine, algorithm.replica_index).attach(algorithm)
+        checkpoints = deepspeed_checkpoint.install(self.engine, algorithm.replica_index)
+        # The algorithm's index names the replica's files: an engine built in a fault-tolerant replica's own world
+        # was installed as replica 0 of that world.
+        checkpoints.replica_index = algorithm.replica_index
+        checkpoints.attach(algorithm)
 
     def finish_step(self) -> None:
         """Once per optimizer step, after its compute (if any), in loops that step the engine inside
