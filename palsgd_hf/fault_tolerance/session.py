@@ -247,12 +247,8 @@ class FaultTolerantSession:
     def _rebuild_weights(self) -> None:
         """After a state was restored on this replica's ranks, rebuild the weights they compute with, on all of them
         (DeepSpeed gathers them within the replica; torchft's quorum restores one rank at a time)."""
-        stale = self.transfer.weights_stale
-        if self.group_size > 1:
-            flag = torch.tensor([1 if stale else 0], dtype=torch.int32)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank of the replica takes this branch
-            stale = bool(flag.item())
-        if stale:
+        # Stale on any rank (every rank of the replica takes this branch, so the reduction always pairs up).
+        if not self._replica_all(not self.transfer.weights_stale):
             self.algorithm.adapter.after_write()
         self.transfer.weights_stale = False
 

@@ -18,6 +18,10 @@ rank r of every replica exchanging its fp32 partition r (tests/distributed/scrip
   16-bit weights rebuilt on both ranks together), one global model at the end. ZeRO-2 and ZeRO-3.
 * Slow: replica 2 killed during a long warm-up (ZeRO-3): it rejoins inside the warm-up with the others' weights bit
   for bit at every later warm-up step.
+* Default, through ``FaultTolerantTrainer`` with ``deepspeed=recipes/deepspeed/zero3.json`` (ft_fsdp_trainer_replica.py
+  ``--deepspeed 3``): 2 replicas x 2 ranks with 4 warm-up steps end with one global model (the FSDP2 Trainer test's
+  checks) after exactly one managed step per warm-up step and per sync. Slow: the Trainer's whole-replica kill and
+  rejoin.
 """
 
 from __future__ import annotations
